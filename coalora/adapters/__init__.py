@@ -1,0 +1,6 @@
+"""Adapters that wrap a frozen (quantized) base linear: LoRA, the CoA-LoRA mapper, QWHA."""
+
+from coalora.adapters.inject import adapter_modules, inject
+from coalora.adapters.lora import LoRALinear
+
+__all__ = ["LoRALinear", "adapter_modules", "inject"]

@@ -1,0 +1,34 @@
+"""Replace named submodules by wrappers built from them (module injection)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def inject(
+    model: nn.Module, names: list[str], factory: Callable[[str, nn.Module], nn.Module]
+) -> dict[str, nn.Module]:
+    """Wrap each module in ``names`` with ``factory(name, module)``; returns name -> wrapper."""
+    out: dict[str, nn.Module] = {}
+    for name in names:
+        wrapped = factory(name, model.get_submodule(name))
+        replace_module(model, name, wrapped)
+        out[name] = wrapped
+    return out
+
+
+def adapter_modules(model: nn.Module, cls: type) -> dict[str, nn.Module]:
+    """Name -> module for every module of type ``cls`` (adapter wrappers) in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, cls)}

@@ -1,0 +1,5 @@
+"""One LightningModule for every method, plus callbacks."""
+
+from coalora.lit.module import CoaloraModule
+
+__all__ = ["CoaloraModule"]

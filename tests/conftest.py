@@ -1,0 +1,39 @@
+"""Shared fixtures: offline, CPU, W&B disabled, tiny models, a tiny GLUE fixture folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixture_data_dir() -> Path:
+    """A data_dir holding tiny GLUE TSV files (glue/<TASK>/{train,dev}.tsv)."""
+    return FIXTURES
+
+
+@pytest.fixture()
+def compose():
+    """``compose(overrides, config_name="train")`` -> DictConfig via Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def _compose(overrides: list[str] | None = None, config_name: str = "train"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides or [],
+                                 return_hydra_config=True)
+
+    return _compose
