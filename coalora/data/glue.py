@@ -1,0 +1,254 @@
+"""GLUE as a LightningDataModule: local TSV first, the hub as fallback (DESIGN §7).
+
+Data is looked up under ``<data_dir>/glue/<task.glue_dir>/`` (``data_dir`` is
+``paths.data_dir``, which the config fills from env ``COALORA_DATA_DIR``). When the files are not
+there, ``datasets.load_dataset(task.hub_name, task.hub_config)`` is tried; when that fails too a
+:class:`coalora.errors.DataError` with one line naming ``paths.data_dir``, the expected file and
+the hub id is raised. Sequences are tokenized once (truncated to ``task.max_length``, unpadded)
+and padded per batch. Batches are dicts that ``hf_model(**batch)`` accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from coalora.data.batching import (
+    EncodedSplit,
+    GlueCollator,
+    LengthGroupedSampler,
+    SeededShuffleSampler,
+    encode_split,
+)
+from coalora.data.glue_tsv import (
+    LABEL,
+    TRAIN,
+    VALIDATION,
+    convert_label,
+    expected_task_file,
+    find_task_files,
+    read_glue_columns,
+)
+from coalora.data.task import hub_text_fields, task_get, text_fields, validate_task
+from coalora.errors import DataError
+
+log = logging.getLogger(__name__)
+
+EVAL_STAGES = ("validate", "test", "predict")
+
+
+class GlueDataModule(L.LightningDataModule):
+    """One GLUE task: tokenized train/validation splits, seeded loaders, calibration batches.
+
+    Batches: ``input_ids`` and ``attention_mask`` (B, T) long, ``token_type_ids`` (B, T) when the
+    tokenizer makes them, ``labels`` (B,) long (float for regression).
+    """
+
+    def __init__(
+        self,
+        task: DictConfig,
+        tokenizer,
+        data_dir: str | None,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        group_by_length: bool = False,
+        allow_hub: bool = True,
+    ):
+        super().__init__()
+        task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
+        validate_task(task)
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if int(value) < 1:
+                raise ValueError(f"{key}={value} must be >= 1")
+        self.task = task
+        self.tokenizer = tokenizer
+        self.data_dir = None if data_dir in (None, "") else str(data_dir)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.group_by_length = bool(group_by_length)
+        self.allow_hub = bool(allow_hub)
+        self.collator = GlueCollator.for_tokenizer(tokenizer)
+        self.encoded: dict[str, EncodedSplit] = {}
+        self.source: str | None = None  # "local:<folder>" or "hub:<id>/<config>", after setup
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def num_labels(self) -> int:
+        return int(self.task.num_labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return bool(self.task.is_regression)
+
+    @property
+    def train_set(self) -> EncodedSplit:
+        return self._split(TRAIN)
+
+    @property
+    def val_set(self) -> EncodedSplit:
+        return self._split(VALIDATION)
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def prepare_data(self) -> None:
+        # Local TSVs need nothing; the hub path downloads into the HF cache here (rank 0 only).
+        if find_task_files(self.data_dir, self.task, (VALIDATION,)) is None:
+            self._hub_dataset((TRAIN, VALIDATION))
+
+    def setup(self, stage: str | None = None) -> None:
+        needed = (VALIDATION,) if stage in EVAL_STAGES else (TRAIN, VALIDATION)
+        todo = tuple(s for s in needed if s not in self.encoded)
+        if not todo:
+            return
+        raw = self.load_raw(todo)
+        for split in todo:
+            columns = self._subsample(split, raw[split])
+            self.encoded[split] = encode_split(
+                [columns[f] for f in text_fields(self.task)],
+                columns[LABEL],
+                self.tokenizer,
+                int(self.task.max_length),
+                regression=self.is_regression,
+            )
+        sizes = ", ".join(f"{s}={len(self.encoded[s])}" for s in todo)
+        log.info("GLUE %s from %s: %s", self.task.name, self.source, sizes)
+
+    def train_dataloader(self) -> DataLoader:
+        data = self.train_set
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(data.lengths, self.batch_size, seed=self.seed)
+        else:
+            sampler = SeededShuffleSampler(len(data), seed=self.seed)
+        return self._loader(data, self.batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, None)
+
+    def test_dataloader(self) -> DataLoader:
+        """GLUE hides test labels; the test loop scores the dev split (the usual GLUE-dev protocol)."""
+        return self.val_dataloader()
+
+    # ----------------------------------------------------------------- calibration
+    def calibration_batches(
+        self, n: int, seed: int = 0, batch_size: int | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """``n`` fixed training batches drawn with ``seed`` (independent of the training shuffle).
+
+        Used for Fisher-weighted allocation and as the search stage's loss batches; the same
+        ``(n, seed, batch_size)`` gives the same batches. Cycles through the data when
+        ``n * batch_size`` exceeds the training set.
+        """
+        if n < 1:
+            raise ValueError(f"calibration_batches: n={n} must be >= 1")
+        if TRAIN not in self.encoded:
+            self.setup("fit")
+        data = self.train_set
+        size = int(batch_size or self.batch_size)
+        g = torch.Generator().manual_seed(int(seed))
+        order: list[int] = []
+        while len(order) < n * size:
+            order.extend(torch.randperm(len(data), generator=g).tolist())
+        return [
+            self.collator([data[i] for i in order[b * size : (b + 1) * size]]) for b in range(n)
+        ]
+
+    # ----------------------------------------------------------------- loading
+    def load_raw(self, splits: tuple[str, ...] = (TRAIN, VALIDATION)) -> dict[str, dict[str, list]]:
+        """Untokenized ``{split: {text field: [...], "label": [...]}}``, local TSV else hub."""
+        files = find_task_files(self.data_dir, self.task, splits)
+        if files is not None:
+            self.source = f"local:{next(iter(files.values())).parent}"
+            return {split: read_glue_columns(path, self.task) for split, path in files.items()}
+        return self._load_hub(splits)
+
+    def _hub_dataset(self, splits: tuple[str, ...]):
+        """``datasets.load_dataset(hub_name, hub_config)``, or the one-line :class:`DataError`."""
+        task = self.task
+        hub = f"'{task.hub_name}' (config '{task.hub_config}')"
+        if not self.allow_hub:
+            raise self._missing(splits, "the hub fallback is disabled (allow_hub=false)")
+        try:
+            import datasets
+
+            return datasets.load_dataset(str(task.hub_name), str(task.hub_config))
+        except Exception as exc:  # network, auth, missing cache: all end in the same message
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise self._missing(
+                splits, f"the hub fallback {hub} failed ({type(exc).__name__}: {first})"
+            ) from None
+
+    def _load_hub(self, splits: tuple[str, ...]) -> dict[str, dict[str, list]]:
+        task = self.task
+        hub = f"{task.hub_name}/{task.hub_config}"
+        dsd = self._hub_dataset(splits)
+        names = {
+            TRAIN: str(task_get(task, "hub_train_split", "train")),
+            VALIDATION: str(task_get(task, "hub_eval_split", "validation")),
+        }
+        label_col = str(task_get(task, "hub_label_field", "label"))
+        out: dict[str, dict[str, list]] = {}
+        for split in splits:
+            if names[split] not in dsd:
+                raise DataError(
+                    f"GLUE task '{task.name}': hub dataset '{hub}' has no split '{names[split]}' "
+                    f"(has {list(dsd)}; set task.hub_train_split / task.hub_eval_split)"
+                )
+            ds = dsd[names[split]]
+            columns = {
+                local: list(ds[remote])
+                for local, remote in zip(text_fields(task), hub_text_fields(task))
+            }
+            columns[LABEL] = [
+                convert_label(v, task, f"{hub}[{names[split]}] row {i}")
+                for i, v in enumerate(ds[label_col])
+            ]
+            out[split] = columns
+        self.source = f"hub:{hub}"
+        return out
+
+    def _missing(self, splits: tuple[str, ...], reason: str) -> DataError:
+        expected = [expected_task_file(self.data_dir, self.task, s) for s in splits]
+        missing = [str(p) for p in expected if not p.is_file()] or [str(p) for p in expected]
+        return DataError(
+            f"GLUE task '{self.task.name}': no local data at {', '.join(missing)} "
+            f"(paths.data_dir={self.data_dir!r}; set it or env COALORA_DATA_DIR) and {reason}"
+        )
+
+    def _subsample(self, split: str, columns: dict[str, list]) -> dict[str, list]:
+        """Train: first N after a seeded shuffle; eval: the first N rows (a fixed, ordered subset)."""
+        key = "max_train_samples" if split == TRAIN else "max_eval_samples"
+        limit = self.task[key]
+        n = len(columns[LABEL])
+        if limit is None or int(limit) >= n:
+            return columns
+        if split == TRAIN:
+            keep = np.random.default_rng(self.seed).permutation(n)[: int(limit)]
+        else:
+            keep = np.arange(int(limit))
+        return {name: [values[i] for i in keep] for name, values in columns.items()}
+
+    def _split(self, split: str) -> EncodedSplit:
+        if split not in self.encoded:
+            raise RuntimeError(
+                f"GlueDataModule: the {split} split is not set up; call setup() first"
+            )
+        return self.encoded[split]
+
+    def _loader(self, data: EncodedSplit, batch_size: int, sampler) -> DataLoader:
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
