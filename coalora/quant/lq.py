@@ -1,0 +1,209 @@
+"""LQ-LoRA decomposition ``W ≈ Q + L1 L2`` and the LoRA initialisation it gives.
+
+LQ-LoRA (Guo et al., arXiv 2311.12023), §3 / Algorithm 1; research notes algorithms.md §3.1-3.4.
+Alternate, starting from ``Q = 0``:
+
+    L1, L2 = SVD_r(W − Q)            (optionally Fisher-weighted, §3.3 row/col/two-sided heuristics)
+    Q      = quantize(W − L1 L2)
+    err    = ‖W − (Q + L1 L2)‖_F     (or ‖√Fisher ⊙ (W − (Q + L1 L2))‖_F)
+
+with ``L1 = U_r √S_r`` (d_out, r) and ``L2 = √S_r V_rᵀ`` (r, d_in).  We stop at the first iterate
+that does not improve the error and **return the best (previous) iterate** — the reference code
+returns the worse current one (algorithms.md §7.1-1).  ``quantize`` is injected, so this module
+does not depend on which quantizer builds ``Q``; :func:`lq_residual_fn` binds our NF engine.
+
+In the model, the frozen base is ``Q`` and the LoRA starts at ``s·B·A = L1 L2`` with
+``A = L2/√s``, ``B = L1/√s`` (:func:`lora_init_from_lq`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from coalora.errors import ConfigError
+
+__all__ = [
+    "LQResult",
+    "lora_init_from_lq",
+    "lowrank_factors",
+    "lq_decompose",
+    "lq_residual_fn",
+]
+
+QuantizeFn = Callable[[Tensor], Tensor]
+HEURISTICS = ("two-sided", "none", "row", "col")
+
+
+class LQResult(NamedTuple):
+    """``W ≈ q + l1 @ l2``; ``errors[i]`` is the error of iterate i (the kept one is the minimum)."""
+
+    l1: Tensor  # (d_out, r)
+    l2: Tensor  # (r, d_in)
+    q: Tensor  # (d_out, d_in)
+    errors: list[float]
+
+
+def _randomized_svd(
+    m: Tensor, q: int, niter: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Halko et al. range finder with ``niter`` power iterations (what ``svd_lowrank`` does),
+    seeded through ``generator`` so error tables are reproducible."""
+    omega = torch.randn(m.shape[1], q, generator=generator, dtype=m.dtype, device=m.device)
+    basis = torch.linalg.qr(m @ omega).Q  # (d_out, q)
+    for _ in range(niter):
+        basis = torch.linalg.qr(m.T @ basis).Q  # (d_in, q)
+        basis = torch.linalg.qr(m @ basis).Q  # (d_out, q)
+    u, s, vh = torch.linalg.svd(basis.T @ m, full_matrices=False)  # (q, q), (q,), (q, d_in)
+    return basis @ u, s, vh
+
+
+def lowrank_factors(
+    m: Tensor,
+    rank: int,
+    randomized: bool = True,
+    oversampling: int = 10,
+    niter: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` factors ``(U_r √S_r, √S_r V_rᵀ)`` of ``m`` (d_out, d_in)."""
+    k = min(m.shape)
+    q = min(rank + oversampling, k)
+    if randomized and q < k:
+        if generator is None:
+            generator = torch.Generator(device=m.device).manual_seed(0)
+        u, s, vh = _randomized_svd(m, q, niter, generator)
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    root = s[:rank].sqrt()  # (r,)
+    return u[:, :rank] * root, root[:, None] * vh[:rank]  # (d_out, r), (r, d_in)
+
+
+def _fisher_scales(fisher: Tensor) -> tuple[Tensor, Tensor]:
+    """Row ρ = √mean_j F (d_out, 1) and column κ = √mean_i F (1, d_in), kept away from zero."""
+    rho = fisher.mean(dim=1, keepdim=True).sqrt()
+    kappa = fisher.mean(dim=0, keepdim=True).sqrt()
+    return rho.clamp_min(float(rho.max()) * 1e-6 + 1e-30), kappa.clamp_min(
+        float(kappa.max()) * 1e-6 + 1e-30
+    )
+
+
+@torch.no_grad()
+def lq_decompose(
+    weight: Tensor,
+    rank: int,
+    quantize_fn: QuantizeFn,
+    iters: int = 100,
+    randomized: bool = True,
+    oversampling: int = 10,
+    fisher: Tensor | None = None,
+    heuristic: str = "two-sided",
+    rtol: float = 0.0,
+    seed: int = 0,
+) -> LQResult:
+    """Alternating low-rank + quantized decomposition of one weight (see module docstring).
+
+    Args:
+        weight: ``W`` (d_out, d_in); fp16/bf16 is upcast to float32.
+        rank: ``r`` of ``L1 L2``.
+        quantize_fn: ``M -> quantize-dequantize(M)``, same shape, float32.
+        iters: maximum number of alternations (LQ-LoRA: 100; CoA-LoRA's baseline: 1).
+        randomized / oversampling: randomized SVD with ``r + oversampling`` columns, 2 power
+            iterations (LQ-LoRA's defaults); else the full SVD.
+        fisher: optional diagonal Fisher (same shape as ``W``); weights the SVD per ``heuristic``
+            and the error.  ``heuristic`` is ignored without ``fisher``.
+        heuristic: "two-sided" (SVD of ρ⊙M⊙κ), "row", "col" or "none".
+        rtol: also stop once an iterate improves the error by less than this fraction.
+        seed: seed of the randomized SVD.
+
+    Returns ``LQResult(l1, l2, q, errors)``: the best iterate and the error of every iterate
+    computed (the last entry may be the rejected, non-improving one).
+    """
+    if rank < 1:
+        raise ConfigError(f"method.rank must be a positive integer, got {rank}")
+    if iters < 1:
+        raise ConfigError(f"method.lq_iters must be >= 1, got {iters}")
+    if heuristic not in HEURISTICS:
+        raise ConfigError(f"method.heuristic must be one of {list(HEURISTICS)}, got {heuristic!r}")
+    w = weight.detach().to(torch.float32)
+    if fisher is not None:
+        if fisher.shape != w.shape:
+            raise ValueError(f"fisher {tuple(fisher.shape)} must match W {tuple(w.shape)}")
+        fisher = fisher.detach().to(w)
+        err_scale = fisher.clamp_min(0).sqrt()
+        rho, kappa = _fisher_scales(fisher.clamp_min(0))
+        if heuristic in ("none", "col"):
+            rho = torch.ones_like(rho)
+        if heuristic in ("none", "row"):
+            kappa = torch.ones_like(kappa)
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+
+    def factors(m: Tensor) -> tuple[Tensor, Tensor]:
+        if fisher is None:
+            return lowrank_factors(m, rank, randomized, oversampling, generator=gen)
+        l1, l2 = lowrank_factors(rho * m * kappa, rank, randomized, oversampling, generator=gen)
+        return l1 / rho, l2 / kappa
+
+    def error(resid: Tensor) -> float:
+        return float((resid if fisher is None else err_scale * resid).norm())
+
+    q = torch.zeros_like(w)
+    best: tuple[Tensor, Tensor, Tensor] | None = None
+    best_err = float("inf")
+    errors: list[float] = []
+    for _ in range(iters):
+        l1, l2 = factors(w - q)  # (d_out, r), (r, d_in)
+        lowrank = l1 @ l2  # (d_out, d_in)
+        q = quantize_fn((w - lowrank).contiguous())
+        err = error(w - q - lowrank)
+        errors.append(err)
+        if err >= best_err:
+            break  # no improvement: keep the previous (best) iterate
+        prev_err, best_err, best = best_err, err, (l1, l2, q)
+        if rtol > 0 and err > (1.0 - rtol) * prev_err:
+            break
+    assert best is not None
+    return LQResult(*best, errors)
+
+
+def lora_init_from_lq(l1: Tensor, l2: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """LoRA factors with ``scaling · B @ A == L1 @ L2``: ``A = L2/√s`` (r, d_in), ``B = L1/√s``."""
+    if scaling <= 0:
+        raise ConfigError(f"LoRA scaling (alpha / rank) must be positive, got {scaling}")
+    root = scaling**0.5
+    return l2 / root, l1 / root
+
+
+def lq_residual_fn(
+    rank: int,
+    iters: int = 100,
+    randomized: bool = True,
+    oversampling: int = 10,
+    rtol: float = 0.0,
+    seed: int = 0,
+    quantize: Callable[[Tensor, object], Tensor] | None = None,
+) -> Callable[[Tensor, object], Tensor]:
+    """``(W, qc) -> Q + L1 L2`` for decomposition-aware error tables (``build_error_table``).
+
+    ``quantize(W, qc)`` defaults to :func:`coalora.quant.nf.fake_quantize`.
+    """
+    if quantize is None:
+        from coalora.quant.nf import fake_quantize as quantize  # noqa: PLC0415 (sibling module)
+
+    def residual(weight: Tensor, qc: object) -> Tensor:
+        res = lq_decompose(
+            weight,
+            rank,
+            lambda m: quantize(m, qc),
+            iters=iters,
+            randomized=randomized,
+            oversampling=oversampling,
+            rtol=rtol,
+            seed=seed,
+        )
+        return res.q + res.l1 @ res.l2
+
+    return residual
