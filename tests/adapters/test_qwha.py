@@ -15,14 +15,13 @@ from coalora.adapters.qwha_init import (
     qwha_initialize,
 )
 from coalora.adapters.wht import hadamard_matrix, wht
+from coalora.quant.config import QuantConfig
+from coalora.quant.nf import fake_quantize
 
 
 def _quantize(w: torch.Tensor, bits: int = 3, block: int = 64) -> torch.Tensor:
-    """Stand-in quantizer (symmetric absmax, blocks of 64) until coalora.quant.nf lands."""
-    q = 2 ** (bits - 1) - 1
-    blocks = w.reshape(-1, block)  # (n_blocks, block)
-    scale = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / q
-    return ((blocks / scale).round().clamp(-q, q) * scale).reshape(w.shape)
+    """Our shared NF engine (NF-bits, 8-bit scales over blocks of ``block``, fp32 constants)."""
+    return fake_quantize(w, QuantConfig(bits, 8, "fp32", block, 256))
 
 
 def _layer(d_in: int, d_out: int, seed: int = 0) -> nn.Linear:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from coalora.quant.config import QuantConfig
 from coalora.quant.lq import lora_init_from_lq, lowrank_factors, lq_decompose, lq_residual_fn
+from coalora.quant.nf import fake_quantize
 
 
-def _quantize(w: torch.Tensor, bits: int, block: int = 64) -> torch.Tensor:
-    """Stand-in quantizer (symmetric absmax, blocks of 64) until coalora.quant.nf lands."""
-    levels = 2 ** (bits - 1) - 1 if bits > 1 else 1
-    blocks = w.reshape(-1, block)  # (n_blocks, block)
-    scale = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels
-    return ((blocks / scale).round().clamp(-levels, levels) * scale).reshape(w.shape)
+def _quantize(w: torch.Tensor, bits: int, block0: int = 64) -> torch.Tensor:
+    """Our shared NF engine (NF-bits, 8-bit scales over blocks of ``block0``, fp32 constants)."""
+    return fake_quantize(w, _qc(bits, block0))
+
+
+def _qc(bits: int, block0: int = 64) -> QuantConfig:
+    return QuantConfig(bits, 8, "fp32", block0, 256)
 
 
 def _weight(d_out: int = 96, d_in: int = 128, seed: int = 0) -> torch.Tensor:
@@ -99,12 +102,20 @@ def test_lora_init_reproduces_lowrank() -> None:
         torch.testing.assert_close(scaling * b @ a, l1 @ l2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_residual_fn_uses_nf_engine(bits: int) -> None:
+    w = _weight(seed=7)
+    w_hat = lq_residual_fn(rank=8, iters=5)(w, _qc(bits))
+    assert w_hat.shape == w.shape
+    assert _frob(w - w_hat) <= _frob(w - _quantize(w, bits))
+
+
 def test_residual_fn_with_injected_quantizer() -> None:
     w = _weight(seed=7)
-    fn = lq_residual_fn(rank=8, iters=5, quantize=lambda m, bits: _quantize(m, bits))
-    w_hat = fn(w, 3)
-    assert w_hat.shape == w.shape
-    assert _frob(w - w_hat) <= _frob(w - _quantize(w, 3))
+    seen = []
+    fn = lq_residual_fn(rank=4, iters=2, quantize=lambda m, c: seen.append(c) or _quantize(m, c))
+    fn(w, 3)
+    assert seen and set(seen) == {3}
 
 
 def test_validation() -> None:
