@@ -32,9 +32,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.mix: torch.Tensor | None = None  # (r, r), set per configuration by CoA-LoRA
+        # (d_out, r): B M folded for one configuration (zero-cost adaptation); overrides B and mix
+        self.folded_B: torch.Tensor | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        if self.folded_B is not None:
+            return F.linear(h, self.folded_B) * self.scaling  # (..., d_out)
         if self.mix is not None:
             h = F.linear(h, self.mix)  # (..., r): h M^T
         return F.linear(h, self.lora_B) * self.scaling  # (..., d_out)
@@ -44,8 +48,13 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """Dense s * B M A, shape (d_out, d_in) — what a merge/export adds to the base weight."""
-        b = self.lora_B if self.mix is None else self.lora_B @ self.mix
-        return self.scaling * b @ self.lora_A
+        return self.scaling * self.effective_B() @ self.lora_A
+
+    def effective_B(self) -> torch.Tensor:
+        """The B a plain LoRA would need to give this module's current delta: B M (d_out, r)."""
+        if self.folded_B is not None:
+            return self.folded_B
+        return self.lora_B if self.mix is None else self.lora_B @ self.mix
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}

@@ -7,10 +7,6 @@ from pathlib import Path
 
 from torch import nn
 
-from coalora.quant import DequantCache, quantize_model
-from coalora.quant.build import build_model_config
-from coalora.quant.model import model_weights
-
 
 def quantize_base(model: nn.Module, names: list[str], ctx):
     """Returns ``(ModelQuantConfig | None, DequantCache | None)``."""
@@ -22,6 +18,10 @@ def quantize_base(model: nn.Module, names: list[str], ctx):
 
         replace_with_bnb_nf4(model, names)
         return None, None
+    from coalora.quant import DequantCache, quantize_model
+    from coalora.quant.build import build_model_config
+    from coalora.quant.model import model_weights
+
     weights = model_weights(model, names)
     numels = {n: w.numel() for n, w in weights.items()}
     cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else None

@@ -1,0 +1,74 @@
+"""End-to-end: tiny_bert on the tiny SST-2 fixture, through ``train.py`` and through ``run``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+FAST = [
+    "model=tiny_bert",
+    f"paths.data_dir={FIXTURES}",
+    "data.allow_hub=false",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "callbacks=minimal",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+]
+
+
+def run_cli(args: list[str], tmp: Path, script: str = "train.py") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "COALORA_CACHE_DIR": str(tmp / "cache")}
+    return subprocess.run([sys.executable, script, *args, f"hydra.run.dir={tmp / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_train_py_fast_run_logs_metrics(tmp_path):
+    r = run_cli([*FAST, "method=lora"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["global_step"] == 4
+    assert 0.0 <= results["metrics"]["val/acc"] <= 1.0
+    rows = list(csv.DictReader(open(next(run.glob("csv/**/metrics.csv")))))
+    assert any(row.get("train/loss") for row in rows) and any(row.get("val/acc") for row in rows)
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["seed"] == 42 and "torch" in info["versions"] and "git_sha" in info
+    assert (run / "config.yaml").is_file() and (run / "curves.png").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["task=nope"], "task"),
+        (["method=lora", "quant=nf4"], "method=lora does not support quant=nf4"),
+        (["model.source=ftp"], "model.source"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, needle):
+    r = run_cli([*FAST, *args], tmp_path)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    run = tmp_path / "run"
+    ours = [p for p in run.glob("*") if p.name != ".hydra" and not p.name.endswith(".log")]
+    assert ours == [], f"half-written artifacts: {ours}"
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    r = run_cli([*FAST, f"paths.data_dir={empty}"], tmp_path)
+    assert r.returncode == 2
+    assert "paths.data_dir" in r.stderr and "Traceback" not in r.stderr
