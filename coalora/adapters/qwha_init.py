@@ -20,8 +20,9 @@ Steps (per output channel j; ``Ĥ`` is the orthonormal block-diagonal WHT, symme
    ``S_jk² · ‖R ĥ_k‖²`` (``position_score="gram"``, as in the reference code), or plain ``|S_jk|``
    (``"magnitude"``, the paper's description).
 4. **Refinement.** Least squares in the calibration metric on the chosen support:
-   ``v_j = argmin_v ‖R (e_jᵀ − Ĥ[:, S_j] v)‖`` via ``torch.linalg.lstsq`` (QR-based, not the
-   normal equations), batched over channels with the same ``p_j``.
+   ``v_j = argmin_v ‖R (e_jᵀ − Ĥ[:, S_j] v)‖`` via ``torch.linalg.lstsq`` (QR-based; default), or
+   the Cholesky-solved normal equations (``solver="normal"``, for wide layers), batched over
+   channels with the same ``p_j``.
 
 The result is in ΔW units (``F[indices] = values`` gives ``ΔW = F·Ĥ``);
 :meth:`coalora.adapters.qwha.WHTAdapterLinear.set_coefficients` divides by the adapter scaling.
@@ -48,6 +49,7 @@ __all__ = [
 
 _ALLOC_METRICS = ("output", "weight")
 _POSITION_SCORES = ("gram", "magnitude")
+_SOLVERS = ("lstsq", "normal")
 
 
 @dataclass
@@ -127,27 +129,49 @@ def allocate_channel_budgets(
 
 
 def _refine(
-    bases: Tensor, target: Tensor, order: Tensor, counts: Tensor, chunk_elems: int
+    bases: Tensor,
+    target: Tensor,
+    order: Tensor,
+    counts: Tensor,
+    chunk_elems: int,
+    solver: str = "lstsq",
 ) -> Tensor:
     """Least-squares values on each channel's support, batched over channels of equal count.
 
     bases (d_in, d_in) = R Ĥ; target (d_in, d_out) = R Eᵀ; order (d_out, d_in) ranked positions.
-    Returns dense coefficients (d_out, d_in), zero off the support.
+    ``solver="lstsq"``: QR-based ``torch.linalg.lstsq`` on the (d_in, c) design matrix per channel,
+    ``O(d_in·c²)``.  ``"normal"``: Cholesky on the (c, c) normal equations ``(ĤGĤ)_SS v = (ĤGEᵀ)_S``,
+    ``O(c³)`` — much faster for wide layers, accurate here because ``G`` is damped (its condition
+    number is squared, but stays far from float64 limits).  Returns dense coefficients
+    (d_out, d_in), zero off the support.
     """
     d_out, d_in = order.shape
     coeffs = torch.zeros(d_out, d_in, dtype=bases.dtype, device=bases.device)
-    bases_t = bases.T.contiguous()  # (d_in, d_in): row k = column k of R Ĥ
+    if solver == "normal":
+        normal = bases.T @ bases  # (d_in, d_in) = Ĥ G Ĥ
+        rhs_t = (bases.T @ target).T  # (d_out, d_in) = (Ĥ G Eᵀ)ᵀ
+    else:
+        bases_t = bases.T.contiguous()  # (d_in, d_in): row k = column k of R Ĥ
     for c in counts.unique().tolist():
         if c == 0:
             continue
         chans = (counts == c).nonzero().squeeze(1)  # (g,)
-        step = max(1, chunk_elems // (d_in * c))
+        step = max(1, chunk_elems // ((c if solver == "normal" else d_in) * c))
         for start in range(0, chans.numel(), step):
             j = chans[start : start + step]  # (g,)
             cols = order[j, :c]  # (g, c)
-            a = bases_t[cols].transpose(1, 2)  # (g, d_in, c)
-            b = target[:, j].T.unsqueeze(-1)  # (g, d_in, 1)
-            sol = torch.linalg.lstsq(a, b).solution.squeeze(-1)  # (g, c)
+            if solver == "normal":
+                a = normal[cols[:, :, None], cols[:, None, :]]  # (g, c, c)
+                b = rhs_t[j[:, None], cols].unsqueeze(-1)  # (g, c, 1)
+                chol, info = torch.linalg.cholesky_ex(a)
+                if int(info.abs().sum()) == 0:
+                    sol = torch.cholesky_solve(b, chol).squeeze(-1)  # (g, c)
+                else:
+                    sol = torch.linalg.lstsq(a, b).solution.squeeze(-1)
+            else:
+                a = bases_t[cols].transpose(1, 2)  # (g, d_in, c)
+                b = target[:, j].T.unsqueeze(-1)  # (g, d_in, 1)
+                sol = torch.linalg.lstsq(a, b).solution.squeeze(-1)  # (g, c)
             coeffs[j[:, None], cols] = sol
     return coeffs
 
@@ -165,6 +189,7 @@ def qwha_initialize(
     alloc_metric: str = "output",
     position_score: str = "gram",
     refine: bool = True,
+    solver: str = "lstsq",
     chunk_elems: int = 1 << 22,
 ) -> QWHAInit:
     """QWHA initialisation of one layer (see the module docstring for the steps).
@@ -181,6 +206,8 @@ def qwha_initialize(
         alloc_metric: "output" (‖R e_jᵀ‖, paper Eq. 7) or "weight" (‖e_j‖, reference code).
         position_score: "gram" (S²·‖Rĥ_k‖²) or "magnitude" (|S|).
         refine: least-squares values (else the plain coefficients S at the chosen positions).
+        solver: "lstsq" (QR least squares per channel, the default) or "normal" (Cholesky on
+            the normal equations; ~d_in/c times faster, for wide layers such as FFN down-proj).
         chunk_elems: memory bound (elements) of one batched least-squares call.
 
     Returns indices, values and a report with the calibration output errors ``‖X(E − ΔW)ᵀ‖_F``
@@ -193,6 +220,8 @@ def qwha_initialize(
         raise ValueError(
             f"position_score must be one of {_POSITION_SCORES}, got {position_score!r}"
         )
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
     if weight.shape != weight_q.shape or weight.dim() != 2:
         raise ValueError(f"W {tuple(weight.shape)} and W_q {tuple(weight_q.shape)} must match")
     d_out, d_in = weight.shape
@@ -229,7 +258,9 @@ def qwha_initialize(
 
     plain = torch.zeros_like(dense)
     plain[rows, cols] = dense[rows, cols]
-    coeffs = _refine(bases, target, order, counts.to(g.device), chunk_elems) if refine else plain
+    coeffs = (
+        _refine(bases, target, order, counts.to(g.device), chunk_elems, solver) if refine else plain
+    )
 
     report = {
         "err_zero": output_error(err, g),

@@ -190,6 +190,20 @@ def test_refinement_is_per_channel_least_squares() -> None:
         torch.testing.assert_close(res.values[sel].double(), sol, rtol=1e-4, atol=1e-6)
 
 
+def test_normal_equation_solver_matches_lstsq() -> None:
+    d_in, d_out = 48, 40
+    torch.manual_seed(4)
+    w = torch.randn(d_out, d_in) * 0.05
+    w_q = _quantize(w, bits=2, block=16)
+    x = _calibration(d_in, n=512)
+    g = x.double().T @ x.double()
+    a = qwha_initialize(w, w_q, g, 6 * (d_in + d_out), solver="lstsq")
+    b = qwha_initialize(w, w_q, g, 6 * (d_in + d_out), solver="normal", chunk_elems=64)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-6)
+    assert b.report["err_refined"] == pytest.approx(a.report["err_refined"], rel=1e-6)
+
+
 def test_init_minilm_sized_layer() -> None:
     """A MiniLM FFN-sized layer (384 -> 1536) at r = 8: big reduction, floor respected."""
     d_in, d_out, r = 384, 1536, 8
