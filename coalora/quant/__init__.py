@@ -1,0 +1,82 @@
+"""Quantization engine (DESIGN §3): NF-b block-wise quantization with double quantization, bit
+packing, configurations and storage accounting, a dequantized-weight cache for cheap switching,
+and budget allocation. Pure tensors and data classes; see docs/architecture.md for the contract
+and research/algorithms.md §1-2 for the algorithms.
+"""
+
+from coalora.quant.allocation import (
+    ErrorTable,
+    allocate,
+    build_error_table,
+    cached_error_table,
+    prune_dominated,
+    solve_mckp_lagrangian,
+    solve_mckp_milp,
+)
+from coalora.quant.build import build_cache, build_model_config, quant_space
+from coalora.quant.config import NF3, NF4, ModelQuantConfig, QuantConfig, QuantSpace
+from coalora.quant.fisher import fisher_diagonal
+from coalora.quant.linear import DequantCache, QuantLinear
+from coalora.quant.model import (
+    model_weights,
+    quant_layers,
+    quantize_model,
+    set_model_config,
+    target_linear_names,
+)
+from coalora.quant.nf import (
+    QuantizedTensor,
+    dequantize_nf,
+    dequantize_nf_blockwise,
+    fake_quantize,
+    nf_codebook,
+    quantization_errors,
+    quantize_nf,
+    quantize_nf_blockwise,
+)
+from coalora.quant.packing import (
+    PackedTensor,
+    pack_bits,
+    pack_quantized,
+    unpack_bits,
+    unpack_quantized,
+)
+
+__all__ = [
+    "NF3",
+    "NF4",
+    "DequantCache",
+    "ErrorTable",
+    "ModelQuantConfig",
+    "PackedTensor",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantSpace",
+    "QuantizedTensor",
+    "allocate",
+    "build_cache",
+    "build_error_table",
+    "build_model_config",
+    "cached_error_table",
+    "dequantize_nf",
+    "dequantize_nf_blockwise",
+    "fake_quantize",
+    "fisher_diagonal",
+    "model_weights",
+    "nf_codebook",
+    "pack_bits",
+    "pack_quantized",
+    "prune_dominated",
+    "quant_layers",
+    "quant_space",
+    "quantization_errors",
+    "quantize_model",
+    "quantize_nf",
+    "quantize_nf_blockwise",
+    "set_model_config",
+    "solve_mckp_lagrangian",
+    "solve_mckp_milp",
+    "target_linear_names",
+    "unpack_bits",
+    "unpack_quantized",
+]

@@ -1,0 +1,397 @@
+"""Budget allocation: one QuantConfig per layer minimising total error under an average-bit budget.
+
+LQ-LoRA's integer program (research/algorithms.md §2): a multiple-choice knapsack (MCKP) with
+costs[i, c] = ‖D ⊙ (W_i − Ŵ_i(c))‖²_F (D = √Fisher, or 1) and item weights bits(c)·numel_i.
+Solved exactly with ``scipy.optimize.milp`` (HiGHS, sparse constraints) after dominance pruning, or
+by the Lagrangian / convex-hull greedy of §2.3 (gap ≤ one hull step of one layer). Error tables
+are cached on disk (safetensors, atomic write) keyed by model name, space hash and kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from coalora.io import atomic_write
+from coalora.quant.config import ModelQuantConfig, QuantConfig, QuantSpace
+from coalora.quant.nf import quantization_errors
+
+TABLE_VERSION = "1"
+SOLVERS = ("milp", "lagrangian")
+
+
+@dataclass
+class ErrorTable:
+    """costs[i, k]: error of layer ``names[i]`` under ``options[k]`` (float64, (N, K))."""
+
+    names: list[str]
+    numels: list[int]
+    options: list[QuantConfig]
+    costs: Tensor  # (N, K) float64
+    kind: str = "mse"
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        self.costs = torch.as_tensor(self.costs, dtype=torch.float64)
+        n, k = len(self.names), len(self.options)
+        if tuple(self.costs.shape) != (n, k):
+            raise ValueError(f"costs has shape {tuple(self.costs.shape)}; expected ({n}, {k})")
+        if len(self.numels) != n:
+            raise ValueError(f"{len(self.numels)} numels for {n} layers")
+        if not bool(torch.isfinite(self.costs).all()):
+            raise ValueError("error table has non-finite costs")
+
+    def storage_bits(self) -> np.ndarray:
+        return np.array([qc.storage_bits() for qc in self.options])  # (K,)
+
+    def min_average_bits(self) -> float:
+        return float(self.storage_bits().min())
+
+    def max_average_bits(self) -> float:
+        return float(self.storage_bits().max())
+
+    def restrict(self, space: QuantSpace) -> ErrorTable:
+        """The columns of ``space``'s options, in its order (raises if one is missing)."""
+        pos = {qc: k for k, qc in enumerate(self.options)}
+        missing = [qc.key for qc in space.options() if qc not in pos]
+        if missing:
+            raise ValueError(
+                f"error table lacks {len(missing)} options of the space, e.g. {missing[:3]}"
+            )
+        cols = [pos[qc] for qc in space.options()]
+        if cols == list(range(len(self.options))):
+            return self
+        return ErrorTable(
+            self.names,
+            self.numels,
+            space.options(),
+            self.costs[:, cols],
+            self.kind,
+            self.fingerprint,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        meta = {
+            "version": TABLE_VERSION,
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "names": json.dumps(self.names),
+            "options": json.dumps([qc.key for qc in self.options]),
+        }
+        tensors = {
+            "costs": self.costs.contiguous(),
+            "numels": torch.tensor(self.numels, dtype=torch.int64),
+        }
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ErrorTable:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("version") != TABLE_VERSION:
+                raise ValueError(
+                    f"{path}: error table version {meta.get('version')!r}, expected {TABLE_VERSION}"
+                )
+            costs, numels = f.get_tensor("costs"), f.get_tensor("numels")
+        return cls(
+            names=json.loads(meta["names"]),
+            numels=[int(n) for n in numels.tolist()],
+            options=[QuantConfig.from_key(k) for k in json.loads(meta["options"])],
+            costs=costs,
+            kind=meta["kind"],
+            fingerprint=meta.get("fingerprint", ""),
+        )
+
+
+def weights_fingerprint(
+    weights: Mapping[str, Tensor], fisher: Mapping[str, Tensor] | None = None
+) -> str:
+    """Cheap content hash (names, shapes, Σ|w|, Σw²) so a cached table never serves other weights."""
+    h = hashlib.sha1()
+    for src in (weights, fisher or {}):
+        for name, w in src.items():
+            w = w.detach().double()
+            h.update(
+                f"{name}:{tuple(w.shape)}:{w.abs().sum().item():.12e}:{w.square().sum().item():.12e};".encode()
+            )
+    return h.hexdigest()[:16]
+
+
+def build_error_table(
+    weights: Mapping[str, Tensor],
+    space: QuantSpace | None = None,
+    fisher: Mapping[str, Tensor] | None = None,
+    residual_fn: Callable[[Tensor, QuantConfig], Tensor] | None = None,
+    kind: str | None = None,
+) -> ErrorTable:
+    """Squared (Fisher-weighted) Frobenius error of every layer under every option of ``space``.
+
+    ``residual_fn(W, qc) -> Ŵ`` replaces fake quantization (LQ-LoRA's decomposition-aware errors).
+    """
+    space = space or QuantSpace()
+    options = space.options()
+    kind = kind or ("custom" if residual_fn else "fisher" if fisher is not None else "mse")
+    rows = []
+    for name, W in weights.items():
+        F = None
+        if fisher is not None:
+            if name not in fisher:
+                raise ValueError(f"fisher has no entry for layer {name!r}")
+            F = fisher[name].to(torch.float32)
+            if F.shape != W.shape:
+                raise ValueError(
+                    f"fisher[{name!r}] has shape {tuple(F.shape)}; weight has {tuple(W.shape)}"
+                )
+        if residual_fn is None:
+            rows.append(quantization_errors(W, options, F))
+            continue
+        Wf = W.detach().to(torch.float32)
+        row = torch.empty(len(options), dtype=torch.float64)
+        for k, qc in enumerate(options):
+            err = (Wf - residual_fn(Wf, qc).to(torch.float32)).square()
+            row[k] = (err if F is None else err * F).sum(dtype=torch.float64)
+        rows.append(row)
+    return ErrorTable(
+        names=list(weights),
+        numels=[int(W.numel()) for W in weights.values()],
+        options=options,
+        costs=torch.stack(rows),
+        kind=kind,
+        fingerprint=weights_fingerprint(weights, fisher),
+    )
+
+
+def table_path(cache_dir: str | Path, model_name: str, space: QuantSpace, kind: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_") or "model"
+    return Path(cache_dir) / f"errors-{slug}-{kind}-{space.digest()}.safetensors"
+
+
+def cached_error_table(
+    weights: Mapping[str, Tensor],
+    space: QuantSpace,
+    cache_dir: str | Path | None,
+    model_name: str,
+    fisher: Mapping[str, Tensor] | None = None,
+    residual_fn: Callable[[Tensor, QuantConfig], Tensor] | None = None,
+    kind: str | None = None,
+) -> ErrorTable:
+    """``build_error_table`` through a disk cache; a file for other weights is rebuilt."""
+    kind = kind or ("custom" if residual_fn else "fisher" if fisher is not None else "mse")
+    if cache_dir is None:
+        return build_error_table(weights, space, fisher, residual_fn, kind)
+    path = table_path(cache_dir, model_name, space, kind)
+    if path.exists():
+        table = ErrorTable.load(path)
+        if table.names == list(weights) and table.fingerprint == weights_fingerprint(
+            weights, fisher
+        ):
+            return table.restrict(space)
+    table = build_error_table(weights, space, fisher, residual_fn, kind)
+    table.save(path)
+    return table
+
+
+def prune_dominated(costs: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
+    """Per layer, the options no other option beats on both weight and cost (§2.3), sorted by
+    weight ascending (so cost strictly decreasing). Ties keep the lowest index."""
+    kept = []
+    for c, w in zip(costs, weights):
+        order = np.lexsort((np.arange(len(c)), c, w))  # by weight, then cost, then index
+        cs = c[order]
+        best_before = np.minimum.accumulate(np.concatenate([[np.inf], cs[:-1]]))
+        kept.append(order[cs < best_before])
+    return kept
+
+
+def _as_arrays(costs, weights) -> tuple[np.ndarray, np.ndarray]:
+    c = np.asarray(costs.cpu() if isinstance(costs, Tensor) else costs, dtype=np.float64)
+    w = np.asarray(weights.cpu() if isinstance(weights, Tensor) else weights, dtype=np.float64)
+    if c.shape != w.shape or c.ndim != 2:
+        raise ValueError(f"costs {c.shape} and weights {w.shape} must be the same (N, K)")
+    return c, w
+
+
+def _check_capacity(w: np.ndarray, capacity: float) -> None:
+    lo = w.min(axis=1).sum()
+    if capacity < lo * (1 - 1e-12):
+        raise ValueError(f"capacity {capacity} is below the minimum achievable {lo}")
+
+
+def solve_mckp_milp(
+    costs, weights, capacity: float, time_limit: float = 60.0, mip_rel_gap: float = 1e-6
+) -> np.ndarray:
+    """Exact MCKP via ``scipy.optimize.milp`` (HiGHS): min Σ c x s.t. Σ w x ≤ capacity, one option
+    per row. ``costs``/``weights`` are (N, K); returns the chosen column per row, int64 (N,)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
+
+    c, w = _as_arrays(costs, weights)
+    _check_capacity(w, capacity)
+    kept = prune_dominated(c, w)
+    rows = np.repeat(np.arange(len(kept)), [len(k) for k in kept])  # (V,) row of each variable
+    cols = np.concatenate(kept)  # (V,) option of each variable
+    cv, wv = c[rows, cols], w[rows, cols]
+    scale = np.linalg.norm(cv) or 1.0  # LQ-LoRA normalises costs; only conditioning changes
+    A_eq = csr_array(
+        (np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(len(kept), len(rows))
+    )
+    A_w = csr_array(wv[None, :])
+    cap = capacity
+    for _ in range(3):
+        res = milp(
+            cv / scale * 1000.0,
+            integrality=np.ones(len(rows)),
+            bounds=Bounds(0, 1),
+            constraints=[LinearConstraint(A_w, -np.inf, cap), LinearConstraint(A_eq, 1, 1)],
+            options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "disp": False},
+        )
+        if res.x is None:
+            raise RuntimeError(f"MILP found no solution: {res.message}")
+        choice = np.array([cols[rows == i][np.argmax(res.x[rows == i])] for i in range(len(kept))])
+        used = w[np.arange(len(choice)), choice].sum()
+        if used <= capacity:
+            return choice
+        cap -= 2 * (used - capacity)  # HiGHS' feasibility tolerance; tighten and re-solve
+    return solve_mckp_lagrangian(c, w, capacity)
+
+
+def _lower_hull(wk: np.ndarray, ck: np.ndarray) -> np.ndarray:
+    """Indices of the lower convex hull of points sorted by w ascending, c strictly decreasing."""
+    hull: list[int] = []
+    for j in range(len(wk)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies on or above the segment a -> j
+            if (ck[b] - ck[a]) * (wk[j] - wk[a]) >= (ck[j] - ck[a]) * (wk[b] - wk[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return np.array(hull)
+
+
+def solve_mckp_lagrangian(costs, weights, capacity: float, iters: int = 100) -> np.ndarray:
+    """Lagrangian MCKP (§2.3): bisection on λ for argmin_c c + λ·w per row until the capacity is
+    just met, then greedy upgrades along each row's lower convex hull, best Δcost/Δweight first."""
+    c, w = _as_arrays(costs, weights)
+    _check_capacity(w, capacity)
+    hulls = []
+    for i, k in enumerate(prune_dominated(c, w)):
+        hulls.append(k[_lower_hull(w[i, k], c[i, k])])
+    L = max(len(h) for h in hulls)
+    HW = np.full((len(hulls), L), np.inf)  # (N, L) hull weights, inf-padded
+    HC = np.full((len(hulls), L), np.inf)
+    for i, h in enumerate(hulls):
+        HW[i, : len(h)], HC[i, : len(h)] = w[i, h], c[i, h]
+    rows = np.arange(len(hulls))
+
+    HW0 = np.where(np.isfinite(HW), HW, 0.0)
+
+    def pick(lam: float) -> np.ndarray:
+        return np.argmin(HC + lam * HW0, axis=1)  # padding stays inf; first (lightest) on ties
+
+    def used(p: np.ndarray) -> float:
+        return HW[rows, p].sum()
+
+    lo, hi = 0.0, 1.0
+    if used(pick(lo)) > capacity:
+        while used(pick(hi)) > capacity:
+            hi *= 2.0
+            if hi > 1e300:
+                raise ValueError(f"capacity {capacity} is below the minimum achievable")
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if used(pick(mid)) <= capacity else (mid, hi)
+        p = pick(hi)
+    else:
+        p = pick(lo)
+    total = used(p)
+    heap = []
+    for i in rows:
+        if p[i] + 1 < len(hulls[i]):
+            j = p[i]
+            heapq.heappush(heap, (-(HC[i, j] - HC[i, j + 1]) / (HW[i, j + 1] - HW[i, j]), int(i)))
+    while heap:
+        _, i = heapq.heappop(heap)
+        j = p[i]
+        dw = HW[i, j + 1] - HW[i, j]
+        if total + dw > capacity:
+            continue  # this row cannot move further up its hull
+        p[i], total = j + 1, total + dw
+        if j + 2 < len(hulls[i]):
+            heapq.heappush(
+                heap, (-(HC[i, j + 1] - HC[i, j + 2]) / (HW[i, j + 2] - HW[i, j + 1]), int(i))
+            )
+    return np.array([hulls[i][p[i]] for i in rows])
+
+
+def allocate(
+    weights: Mapping[str, Tensor] | None,
+    budget: float,
+    space: QuantSpace | None = None,
+    table: ErrorTable | None = None,
+    solver: str = "milp",
+    fisher: Mapping[str, Tensor] | None = None,
+) -> ModelQuantConfig:
+    """The configuration minimising total error with average bits ≤ ``budget`` (§2.2).
+
+    ``table`` (e.g. from the disk cache) skips computing errors; it is restricted to ``space``.
+    Budgets outside [min, max] achievable average bits raise ``ValueError`` naming both numbers.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"quant.solver={solver!r} is not allowed; allowed: {list(SOLVERS)}")
+    space = space or QuantSpace()
+    if table is None:
+        if weights is None:
+            raise ValueError("allocate needs weights or an error table")
+        table = build_error_table(weights, space, fisher)
+    table = table.restrict(space)
+    if weights is not None and list(weights) != table.names:
+        raise ValueError(
+            f"error table layers do not match the weights: unknown {sorted(set(table.names) - set(weights))}; "
+            f"missing {sorted(set(weights) - set(table.names))}"
+        )
+    lo, hi = table.min_average_bits(), table.max_average_bits()
+    if not lo - 1e-9 <= budget <= hi + 1e-9:
+        raise ValueError(
+            f"budget={budget} average bits is not achievable with this space: "
+            f"min achievable {lo:.4f}, max achievable {hi:.4f}"
+        )
+    numels = np.array(table.numels, dtype=np.float64)
+    item = (
+        numels[:, None] * table.storage_bits()[None, :] / numels.sum()
+    )  # (N, K) average-bit share
+    solve = solve_mckp_milp if solver == "milp" else solve_mckp_lagrangian
+    choice = solve(table.costs.numpy(), item, max(float(budget), lo))
+    config = ModelQuantConfig(
+        {n: table.options[k] for n, k in zip(table.names, choice)},
+        dict(zip(table.names, table.numels)),
+    )
+    if config.average_bits() > budget + 1e-9:
+        raise RuntimeError(f"allocation exceeds the budget: {config.average_bits()} > {budget}")
+    return config
+
+
+__all__ = [
+    "ErrorTable",
+    "allocate",
+    "build_error_table",
+    "cached_error_table",
+    "prune_dominated",
+    "solve_mckp_lagrangian",
+    "solve_mckp_milp",
+    "table_path",
+]
