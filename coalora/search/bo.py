@@ -128,10 +128,17 @@ def build_acquisition(
         )
 
 
+# t-batches per acquisition call. gpytorch expands the training inputs to every t-batch
+# ((B, n_train, d) copies), so one huge call is memory-bound: at d=180, n=100, chunks of 128 ran
+# ~2x faster than one (360, 1, d) call (values are identical: the MC base samples are fixed).
+ACQ_CHUNK = 128
+
+
 @torch.no_grad()
 def _acq_values(acq, X_int: Tensor, bounds: Tensor) -> Tensor:
     """Acquisition of integer points (B, d) as q=1 t-batches (B, 1, d) -> (B,)."""
-    return acq(normalize(X_int, bounds).unsqueeze(1))
+    X = normalize(X_int, bounds).unsqueeze(1)  # (B, 1, d)
+    return torch.cat([acq(part) for part in X.split(ACQ_CHUNK)])
 
 
 def finite_difference_search(
@@ -139,8 +146,8 @@ def finite_difference_search(
 ) -> tuple[Tensor, float, int]:
     """Finite-difference guided coordinate ascent on the acquisition from integer ``x0`` (d,).
 
-    Each step evaluates the current point's ±1 neighbours in ONE acquisition call (2d, 1, d)
-    and computes g_i = (a(x+e_i) - a(x-e_i)) / 2 (one-sided at a bound). It moves along
+    Each step evaluates all the current point's ±1 neighbours together (up to 2d q=1 t-batches,
+    in chunks of `ACQ_CHUNK`) and computes g_i = (a(x+e_i) - a(x-e_i)) / 2 (one-sided at a bound). It moves along
     argmax |g_i| in the direction sign(g_i) if that improves the acquisition, else to the best
     improving neighbour, and stops when no single move improves it. Returns (x, a(x), steps).
     """
@@ -224,7 +231,9 @@ def discrete_neighbour_search(
     if choices.shape[0] == 0:
         return torch.zeros(0, d, dtype=torch.long), torch.zeros(0, dtype=DTYPE)
     q = min(n_pick, choices.shape[0])
-    cand, vals = optimize_acqf_discrete(acq, q=q, choices=normalize(choices, bounds), unique=True)
+    cand, vals = optimize_acqf_discrete(
+        acq, q=q, choices=normalize(choices, bounds), max_batch_size=ACQ_CHUNK, unique=True
+    )
     return unnormalize(cand, bounds), vals.reshape(-1)
 
 
@@ -235,7 +244,7 @@ def propose_candidates(
     bounds: Tensor,
     n: int,
     method: str = "finite_difference",
-    max_steps: int = 20,
+    max_steps: int = 10,
     n_samples: int = 512,
     max_mutations: int = 3,
     generator: torch.Generator | None = None,
@@ -255,13 +264,19 @@ def propose_candidates(
     labels: list[str] = []
     n_fd = {"finite_difference": n, "discrete": 0, "both": (n + 1) // 2}[method]
     starts = torch.randperm(X_obs.shape[0], generator=generator)[:n_fd]
+    steps = []
     for s in starts.tolist():
-        x, _, _ = finite_difference_search(acq, X_obs[s], bounds, max_steps)
+        x, _, n_steps = finite_difference_search(acq, X_obs[s], bounds, max_steps)
+        steps.append(n_steps)
         key = tuple(x.tolist())
         if key not in seen:
             seen.add(key)
             out.append(x)
             labels.append("finite_difference")
+    if steps:
+        log.info(
+            "finite-difference search: %d starts, steps %s (max %d)", len(steps), steps, max_steps
+        )
     remaining = n - len(out)
     if remaining > 0:
         pareto = X_obs[non_dominated_mask(Y)]

@@ -127,7 +127,7 @@ def run_search(
     *,
     initial_sources: Sequence[str] | None = None,
     method: str = "finite_difference",
-    max_steps: int = 20,
+    max_steps: int = 10,
     n_samples: int = 512,
     mc_samples: int = 64,
     segments: int = 40,
