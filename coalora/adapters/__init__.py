@@ -2,5 +2,6 @@
 
 from coalora.adapters.inject import adapter_modules, inject
 from coalora.adapters.lora import LoRALinear
+from coalora.adapters.qwha import WHTAdapterLinear
 
-__all__ = ["LoRALinear", "adapter_modules", "inject"]
+__all__ = ["LoRALinear", "WHTAdapterLinear", "adapter_modules", "inject"]

@@ -1,0 +1,273 @@
+"""LQ-LoRA (Guo et al., arXiv 2311.12023): LoRA initialised from ``W ≈ Q + L1 L2``.
+
+Research notes algorithms.md §3 (decomposition, LoRA mapping), §2 / papers.md §3.3 (budget ILP with
+decomposition-aware costs), §7.1 (reference-code bugs we do not copy).  Per target layer, with the
+layer's QuantConfig ``c`` from the resolved base configuration (``quant=nf4|uniform|file|budget``):
+
+    L1, L2, Q = lq_decompose(W, r, quantize_c)      best iterate (stop at the first non-improvement)
+    frozen base  = Q                                (exactly representable in configuration c)
+    LoRA         : A = L2/√s, B = L1/√s, s = α/r    so that s·B·A = L1 L2 at step 0
+
+How the base serves ``Q`` without touching ``coalora.quant``: :class:`DecomposedQuantLinear` is a
+``QuantLinear`` whose dequantized weight *for its own configuration* is the precomputed ``Q`` (a
+non-persistent buffer) instead of ``fake_quantize(W, c)``.  Switching it to any other configuration
+falls back to ``QuantLinear``'s behaviour (quantize ``W``), which no longer matches the LoRA init.
+
+``quant=budget``: the allocation minimises the decomposition error ``‖W − (Q + L1L2)‖²`` (LQ-LoRA's
+ILP), from a table built with few iterations and dominance pruning (:mod:`coalora.methods.lq_table`);
+``method.lq.allocation=quantization`` uses the plain table every other method shares (DESIGN §6).
+Optional Fisher weighting (``method.lq.fisher``): the diagonal empirical Fisher of the fp model on
+training batches weights the SVD (``heuristic``) and the decomposition error; ``quant.fisher``
+weights the allocation costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from coalora.adapters import LoRALinear, inject
+from coalora.adapters.inject import replace_module
+from coalora.errors import CoaloraError, ConfigError
+from coalora.methods.base import Method
+from coalora.methods.lq_table import cached_lq_error_table
+from coalora.methods.quant_base import calibration_fisher
+from coalora.quant import (
+    DequantCache,
+    ModelQuantConfig,
+    QuantConfig,
+    QuantLinear,
+    allocate,
+    build_model_config,
+    cached_error_table,
+    fake_quantize,
+    model_weights,
+    quant_space,
+)
+from coalora.quant.allocation import SOLVERS
+from coalora.quant.build import build_cache
+from coalora.quant.lq import HEURISTICS, lora_init_from_lq, lq_decompose
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("decomposition", "quantization")
+
+
+class DecomposedQuantLinear(QuantLinear):
+    """A ``QuantLinear`` that serves a precomputed quantized weight for one configuration.
+
+    ``weight_q`` (d_out, d_in) is LQ-LoRA's ``Q = quantize_c(W − L1 L2)``; ``lq_config`` is ``c``.
+    ``weight_fp`` stays the original ``W`` (targets of other configurations, Fisher, error tables).
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        name: str,
+        cache: DequantCache | None,
+        lq_config: QuantConfig,
+        weight_q: Tensor,
+    ) -> None:
+        super().__init__(linear, name, cache)
+        if tuple(weight_q.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{name}: Q has shape {tuple(weight_q.shape)}, expected "
+                f"({self.out_features}, {self.in_features})"
+            )
+        self.lq_config = lq_config
+        self.register_buffer("weight_q", weight_q.detach().to(self.weight_fp), persistent=False)
+        self.set_config(lq_config)
+
+    def _dequantized(self, qc: QuantConfig) -> Tensor:
+        if qc == self.lq_config:
+            return self.weight_q  # follows .to()/.cuda() with the module (a buffer)
+        return super()._dequantized(qc)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", lq_config={self.lq_config.key}"
+
+
+@dataclass(frozen=True)
+class LQSettings:
+    """``method.lq``: decomposition and allocation-table options (validated, ConfigError)."""
+
+    iters: int = 20
+    randomized: bool = True
+    oversampling: int = 10
+    heuristic: str = "two-sided"
+    fisher: bool = False
+    calib_batches: int = 8
+    allocation: str = "decomposition"
+    table_iters: int = 2
+    table_prune: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> LQSettings:
+        cfg = cfg or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"method.lq has unknown keys {unknown}; allowed: {sorted(known)}")
+        s = cls(**{k: cfg[k] for k in cfg})
+        for key in ("iters", "calib_batches", "table_iters"):
+            v = getattr(s, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"method.lq.{key}={v!r} must be an integer >= 1")
+        if (
+            isinstance(s.oversampling, bool)
+            or not isinstance(s.oversampling, int)
+            or s.oversampling < 0
+        ):
+            raise ConfigError(f"method.lq.oversampling={s.oversampling!r} must be an integer >= 0")
+        if s.heuristic not in HEURISTICS:
+            raise ConfigError(
+                f"method.lq.heuristic={s.heuristic!r} is not allowed; allowed: {list(HEURISTICS)}"
+            )
+        if s.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"method.lq.allocation={s.allocation!r} is not allowed; "
+                f"allowed: {list(ALLOCATIONS)}"
+            )
+        for key in ("randomized", "fisher", "table_prune"):
+            if not isinstance(getattr(s, key), bool):
+                raise ConfigError(f"method.lq.{key}={getattr(s, key)!r} must be true or false")
+        return s
+
+
+class LQLoRA(Method):
+    name = "lq_lora"
+    # bnb_nf4 has no dequantized weight to replace by Q; none has no Q at all
+    quant_modes = ("nf4", "uniform", "budget", "file")
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.lq = LQSettings.from_cfg(cfg.get("lq"))
+        self._factors: dict[str, tuple[Tensor, Tensor]] = {}
+        self.report: dict[str, Any] = {}
+
+    def check(self, full_cfg: DictConfig) -> None:
+        super().check(full_cfg)
+        c = self.cfg
+        if isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 1:
+            raise ConfigError(f"method.rank={c.rank!r} must be a positive integer")
+        if not float(c.alpha) > 0:
+            raise ConfigError(f"method.alpha={c.alpha!r} must be > 0 (LoRA scaling alpha/rank)")
+
+    # ------------------------------------------------------------------ base = Q
+    def build_base(self, model: nn.Module, ctx) -> None:
+        q = ctx.cfg.quant
+        weights = {n: w.to(torch.float32) for n, w in model_weights(model, self.names).items()}
+        numels = {n: w.numel() for n, w in weights.items()}
+        use_quant_fisher = q.mode == "budget" and bool(q.get("fisher"))
+        fisher = None
+        if self.lq.fisher or use_quant_fisher:
+            t0 = time.perf_counter()
+            n_examples = self.lq.calib_batches * int(ctx.cfg.data.batch_size)
+            fisher = calibration_fisher(model, self.names, ctx, n_examples)
+            self.report["fisher_examples"] = n_examples
+            self.report["fisher_seconds"] = round(time.perf_counter() - t0, 2)
+        self.config = self._configuration(q, weights, numels, fisher, use_quant_fisher, ctx)
+        self.cache = build_cache(q)
+        t0 = time.perf_counter()
+        layers: dict[str, dict[str, Any]] = {}
+        for name in self.names:
+            w, qc = weights[name], self.config[name]
+            res = lq_decompose(
+                w,
+                int(self.cfg.rank),
+                lambda m, qc=qc: fake_quantize(m, qc),
+                iters=self.lq.iters,
+                randomized=self.lq.randomized,
+                oversampling=self.lq.oversampling,
+                fisher=fisher[name] if (self.lq.fisher and fisher is not None) else None,
+                heuristic=self.lq.heuristic,
+                seed=self.lq.seed,
+            )
+            module = model.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise CoaloraError(
+                    f"lq_lora: target {name!r} is {type(module).__name__}, "
+                    "expected the full-precision nn.Linear"
+                )
+            replace_module(model, name, DecomposedQuantLinear(module, name, self.cache, qc, res.q))
+            self._factors[name] = (res.l1, res.l2)
+            layers[name] = {
+                "config": qc.key,
+                "err_quant": float((w - fake_quantize(w, qc)).norm()),
+                "err_lq": float((w - res.q - res.l1 @ res.l2).norm()),
+                "iters": len(res.errors),
+            }
+        self.report["decompose_seconds"] = round(time.perf_counter() - t0, 2)
+        self.report["err_quant_total"] = sum(v["err_quant"] ** 2 for v in layers.values()) ** 0.5
+        self.report["err_lq_total"] = sum(v["err_lq"] ** 2 for v in layers.values()) ** 0.5
+        self.report["layers"] = layers
+
+    def _configuration(
+        self, q, weights, numels, fisher, use_quant_fisher: bool, ctx
+    ) -> ModelQuantConfig:
+        cache_dir = str(ctx.cache_dir) if ctx.cache_dir else None
+        model_name = str(ctx.cfg.model.name)
+        if q.mode != "budget" or self.lq.allocation == "quantization":
+            try:
+                return build_model_config(
+                    q, weights, numels, cache_dir, model_name, fisher if use_quant_fisher else None
+                )
+            except CoaloraError:
+                raise
+            except ValueError as e:
+                raise ConfigError(f"quant: {e}") from None
+        budget = q.get("budget")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ConfigError(
+                f"quant.budget={budget!r} must be a number (average bits) for quant.mode=budget"
+            )
+        solver = q.get("solver", "milp")
+        if solver not in SOLVERS:
+            raise ConfigError(f"quant.solver={solver!r} is not allowed; allowed: {list(SOLVERS)}")
+        space = quant_space(q)
+        use_cache = bool(q.get("table_cache", True)) and cache_dir is not None
+        plain = None
+        if self.lq.table_prune:
+            qf = fisher if use_quant_fisher else None
+            plain = cached_error_table(
+                weights, space, cache_dir if use_cache else None, model_name, qf
+            )
+        table, seconds = cached_lq_error_table(
+            weights, space, cache_dir if use_cache else None, model_name,
+            int(self.cfg.rank), self.lq.table_iters,
+            randomized=self.lq.randomized, oversampling=self.lq.oversampling,
+            fisher=fisher, weighted_error=use_quant_fisher,
+            weighted_svd=self.lq.heuristic if self.lq.fisher else None,
+            plain=plain, seed=self.lq.seed,
+        )  # fmt: skip
+        self.report["table_seconds"] = round(seconds, 2)
+        self.report["table_kind"] = table.kind
+        try:
+            config = allocate(weights, float(budget), space, table=table, solver=solver)
+        except ValueError as e:  # an unreachable budget names both achievable ends
+            raise ConfigError(f"quant: {e}") from None
+        return ModelQuantConfig(dict(config.configs), numels)
+
+    # ------------------------------------------------------------------ LoRA = L1 L2
+    def inject_adapters(self, model: nn.Module, ctx) -> None:
+        c = self.cfg
+        loras = inject(model, self.names, lambda _, m: LoRALinear(m, c.rank, c.alpha, c.dropout))
+        with torch.no_grad():
+            for name, lora in loras.items():
+                l1, l2 = self._factors.pop(name)
+                a, b = lora_init_from_lq(l1, l2, lora.scaling)  # s·B·A = L1 L2
+                lora.lora_A.copy_(a)
+                lora.lora_B.copy_(b)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["lq"] = {k: v for k, v in self.report.items() if k != "layers"}
+        out["lq"]["layers"] = self.report.get("layers", {})
+        return out
