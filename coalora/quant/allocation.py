@@ -231,16 +231,30 @@ def _check_capacity(w: np.ndarray, capacity: float) -> None:
 
 
 def solve_mckp_milp(
-    costs, weights, capacity: float, time_limit: float = 60.0, mip_rel_gap: float = 1e-6
+    costs, weights, capacity: float, time_limit: float = 2.0, mip_rel_gap: float = 1e-4
 ) -> np.ndarray:
     """Exact MCKP via ``scipy.optimize.milp`` (HiGHS): min Σ c x s.t. Σ w x ≤ capacity, one option
-    per row. ``costs``/``weights`` are (N, K); returns the chosen column per row, int64 (N,)."""
+    per row. ``costs``/``weights`` are (N, K); returns the chosen column per row, int64 (N,).
+    Dominance pruning and reduced-cost fixing from the Lagrangian bound shrink the problem first;
+    both are exact."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
 
     c, w = _as_arrays(costs, weights)
     _check_capacity(w, capacity)
     kept = prune_dominated(c, w)
+    # Reduced-cost fixing (exact): for λ ≥ 0 and any feasible x, cost(x) ≥ LB + Σ_i excess_i(x_i)
+    # with LB = Σ_i min_k (c + λw)_ik − λ·capacity and excess = (c + λw)_ik − min_k (c + λw)_ik.
+    # An option whose excess exceeds UB − LB (UB: the greedy solution's cost) is never optimal.
+    greedy, lam = _lagrangian(c, w, capacity, kept)
+    n = len(kept)
+    upper = c[np.arange(n), greedy].sum()
+    lagr = c + lam * w  # (N, K)
+    best = lagr.min(axis=1)
+    slack = (upper - (best.sum() - lam * capacity)) * (1 + 1e-9) + 1e-12 * abs(upper)
+    kept = [k[lagr[i, k] - best[i] <= slack] for i, k in enumerate(kept)]
+    if all(len(k) == 1 for k in kept):
+        return np.array([k[0] for k in kept])
     rows = np.repeat(np.arange(len(kept)), [len(k) for k in kept])  # (V,) row of each variable
     cols = np.concatenate(kept)  # (V,) option of each variable
     cv, wv = c[rows, cols], w[rows, cols]
@@ -263,9 +277,9 @@ def solve_mckp_milp(
         choice = np.array([cols[rows == i][np.argmax(res.x[rows == i])] for i in range(len(kept))])
         used = w[np.arange(len(choice)), choice].sum()
         if used <= capacity:
-            return choice
+            return choice if c[np.arange(n), choice].sum() <= upper else greedy
         cap -= 2 * (used - capacity)  # HiGHS' feasibility tolerance; tighten and re-solve
-    return solve_mckp_lagrangian(c, w, capacity)
+    return greedy
 
 
 def _lower_hull(wk: np.ndarray, ck: np.ndarray) -> np.ndarray:
@@ -285,11 +299,19 @@ def _lower_hull(wk: np.ndarray, ck: np.ndarray) -> np.ndarray:
 
 def solve_mckp_lagrangian(costs, weights, capacity: float, iters: int = 100) -> np.ndarray:
     """Lagrangian MCKP (§2.3): bisection on λ for argmin_c c + λ·w per row until the capacity is
-    just met, then greedy upgrades along each row's lower convex hull, best Δcost/Δweight first."""
+    just met, then greedy upgrades along each row's lower convex hull, best Δcost/Δweight first.
+    Returns the chosen column per row, int64 (N,); the gap to optimum is at most one hull step."""
     c, w = _as_arrays(costs, weights)
     _check_capacity(w, capacity)
+    return _lagrangian(c, w, capacity, prune_dominated(c, w), iters)[0]
+
+
+def _lagrangian(
+    c: np.ndarray, w: np.ndarray, capacity: float, kept: list[np.ndarray], iters: int = 100
+) -> tuple[np.ndarray, float]:
+    """(greedy choice, multiplier λ of the bisection's feasible end)."""
     hulls = []
-    for i, k in enumerate(prune_dominated(c, w)):
+    for i, k in enumerate(kept):
         hulls.append(k[_lower_hull(w[i, k], c[i, k])])
     L = max(len(h) for h in hulls)
     HW = np.full((len(hulls), L), np.inf)  # (N, L) hull weights, inf-padded
@@ -315,9 +337,9 @@ def solve_mckp_lagrangian(costs, weights, capacity: float, iters: int = 100) -> 
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if used(pick(mid)) <= capacity else (mid, hi)
-        p = pick(hi)
+        p, lam = pick(hi), hi
     else:
-        p = pick(lo)
+        p, lam = pick(lo), lo
     total = used(p)
     heap = []
     for i in rows:
@@ -335,7 +357,7 @@ def solve_mckp_lagrangian(costs, weights, capacity: float, iters: int = 100) -> 
             heapq.heappush(
                 heap, (-(HC[i, j + 1] - HC[i, j + 2]) / (HW[i, j + 2] - HW[i, j + 1]), int(i))
             )
-    return np.array([hulls[i][p[i]] for i in rows])
+    return np.array([hulls[i][p[i]] for i in rows]), lam
 
 
 def allocate(
