@@ -67,7 +67,7 @@ class CoALoRA(MultiConfigMethod):
         return self.mapper(self.config_index(config).to(device))
 
     def apply(self, model: nn.Module, config: ModelQuantConfig) -> None:
-        set_model_config(model, config)
+        set_model_config(model, config, self.qlayers)
         mix = self.mixing(config)
         for i, lora in enumerate(self.loras):
             lora.folded_B = None
@@ -93,7 +93,7 @@ def adapt(holder, configuration: ModelQuantConfig) -> nn.Module:
     if not isinstance(method, CoALoRA):
         raise TypeError(f"adapt() needs a CoA-LoRA model, got method={type(method).__name__}")
     configuration.validate_names(method.names)
-    set_model_config(model, configuration)
+    set_model_config(model, configuration, method.qlayers)
     mix = method.mixing(configuration)  # (L, r, r)
     for i, lora in enumerate(method.loras):
         lora.mix = None

@@ -25,7 +25,7 @@ from torch import nn
 from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.methods.base import Method, SetupContext
-from coalora.methods.pool import allocations, budget_grid, dedupe
+from coalora.methods.pool import allocations, initial_pool
 from coalora.quant import DequantCache, ModelQuantConfig, QuantSpace, quantize_model, set_model_config
 from coalora.quant.model import model_weights
 
@@ -52,7 +52,7 @@ class MultiConfigMethod(Method):
                  max(c.average_bits() for c in self.train_set), list(self.eval_set))
         self.cache = DequantCache(limit_mb=q.cache_limit_mb)
         self.config = next(iter(self.eval_set.values()))
-        quantize_model(model, self.names, self.config, self.cache)
+        self.qlayers = quantize_model(model, self.names, self.config, self.cache)
         self.inject_adapters(model, ctx)
         self.loras: list[LoRALinear] = [adapter_modules(model, LoRALinear)[n] for n in self.names]
         self.freeze(model, ctx)
@@ -74,15 +74,14 @@ class MultiConfigMethod(Method):
             from coalora.search.configset import ConfigSet
 
             cs = ConfigSet.load(self.cfg.configset, expected_names=self.names, space=self.space)
-            configs = cs.to_model_configs(self.numels, pareto_only=self.cfg.get("pareto_only", True))
-            if not configs:
+            entries = [e for e in cs.entries if e.pareto] if self.cfg.get("pareto_only") else []
+            entries = entries or cs.entries
+            if not entries:
                 raise ConfigError(f"method.configset={self.cfg.configset} has no entries to train on")
-            return configs
+            return [cs.entry_config(e) for e in entries]
         p = self.cfg.pool
-        grid = budget_grid(p.start, p.stop, p.step, self.space)
-        allocs = allocations(weights, grid, self.space, cache_dir, ctx.cfg.model.name,
-                             ctx.cfg.quant.solver)
-        return dedupe(list(allocs.values()))
+        return initial_pool(weights, self.space, p.start, p.stop, p.step, cache_dir,
+                            ctx.cfg.model.name, ctx.cfg.quant.solver)
 
     def set_training_set(self, configs: list[ModelQuantConfig]) -> None:
         """Swap the configurations drawn from (the in-training search refresh uses this)."""
@@ -93,7 +92,7 @@ class MultiConfigMethod(Method):
     # ------------------------------------------------------------------ per-configuration switch
     def apply(self, model: nn.Module, config: ModelQuantConfig) -> None:
         """Put the base (and, for CoA-LoRA, the adapters) into ``config``."""
-        set_model_config(model, config)
+        set_model_config(model, config, self.qlayers)
 
     def draw(self, step: int) -> list[ModelQuantConfig]:
         k = int(self.cfg.configs_per_step)

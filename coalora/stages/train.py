@@ -83,6 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = ctx.run_dir
     t0 = time.perf_counter()
     method.setup(model, ctx)
+    model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
     setup_s = time.perf_counter() - t0
     lit = CoaloraModule(model, method, cfg.task, cfg.optim, ctx)
     n_train = sum(p.numel() for p in lit.parameters() if p.requires_grad)

@@ -1,0 +1,108 @@
+"""CoA-LoRA invariants: U = 0 gives LoRA; folded = unfolded; PEFT export round-trip; resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from coalora.adapters import LoRALinear
+from coalora.methods.coalora import adapt
+
+POOL = ["method.pool.start=3.0", "method.pool.stop=4.2", "method.pool.step=0.4"]
+
+
+def batch_of(dm):
+    return next(iter(dm.train_dataloader()))
+
+
+def test_zero_mapper_equals_plain_lora(built):
+    cfg, lit, dm = built(["method=coalora", *POOL])
+    method = lit.method
+    torch.nn.init.zeros_(method.mapper.fc2.weight)
+    for lora in method.loras:
+        torch.nn.init.normal_(lora.lora_B, std=0.05)
+    batch = batch_of(dm)
+    config = method.train_set[0]
+    lit.model.eval()
+    with torch.no_grad():
+        method.apply(lit.model, config)
+        with_mapper = lit.model(**batch).logits
+        for lora in method.loras:
+            lora.mix = None
+        plain = lit.model(**batch).logits
+    torch.testing.assert_close(with_mapper, plain)
+
+
+def test_folded_adapter_equals_unfolded_forward(built):
+    cfg, lit, dm = built(["method=coalora", *POOL])
+    method = lit.method
+    torch.nn.init.normal_(method.mapper.fc2.weight, std=0.05)
+    for lora in method.loras:
+        torch.nn.init.normal_(lora.lora_B, std=0.05)
+    batch = batch_of(dm)
+    config = method.eval_set["3"]
+    lit.model.eval()
+    with torch.no_grad():
+        method.apply(lit.model, config)
+        unfolded = lit.model(**batch).logits
+        adapt(lit, config)
+        assert all(lo.mix is None and lo.folded_B is not None for lo in method.loras)
+        folded = lit.model(**batch).logits
+    torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_updates_lora_and_mapper_only(built):
+    cfg, lit, dm = built(["method=coalora", *POOL])
+    lit.model.train()
+    for lora in lit.method.loras:  # B = 0 at init blocks the gradient of A and of the mapper
+        torch.nn.init.normal_(lora.lora_B, std=0.05)
+    loss = lit.method.training_loss(lit, batch_of(dm))
+    loss.backward()
+    grads = {n for n, p in lit.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("lora_A" in n for n in grads) and any("mapper" in n for n in grads)
+    assert any("classifier" in n for n in grads)
+    frozen = [n for n, p in lit.named_parameters() if p.requires_grad and not (
+        "lora_" in n or "mapper" in n or "classifier" in n)]
+    assert frozen == []
+    assert all(isinstance(m, LoRALinear) for m in lit.method.loras)
+
+
+def test_draw_is_seeded_by_step(built):
+    _, lit, _ = built(["method=shared_lora", *POOL])
+    a = lit.method.draw(7)
+    b = lit.method.draw(7)
+    assert a == b and len(a) == 2
+
+
+@pytest.mark.parametrize("method", ["coalora"])
+def test_peft_export_round_trip_gives_equal_logits(built, tmp_path, method):
+    peft = pytest.importorskip("peft")
+    from coalora.models import build_model
+    from coalora.stages.export import adapter_config, load_quantized_base, peft_state, write_export
+
+    cfg, lit, dm = built([f"method={method}", *POOL])
+    m = lit.method
+    torch.nn.init.normal_(m.mapper.fc2.weight, std=0.05)
+    for lora in m.loras:
+        torch.nn.init.normal_(lora.lora_B, std=0.05)
+    config = m.eval_set["3.5"]
+    lit.model.eval()
+    adapt(lit, config)
+    batch = batch_of(dm)
+    with torch.no_grad():
+        ours = lit.model(**batch).logits
+    head = ["classifier"]
+    out = write_export(tmp_path / "adapter", {
+        "adapter_config.json": adapter_config(cfg, m.names, head),
+        "adapter_model.safetensors": peft_state(lit.model, m.names, head),
+        "quant_config.json": config.to_dict(),
+    })
+    base = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
+    load_quantized_base(base, out / "quant_config.json")
+    theirs_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        theirs = theirs_model(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == cfg.method.rank
