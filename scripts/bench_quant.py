@@ -48,6 +48,7 @@ from coalora.quant import (  # noqa: E402
     quantize_nf_blockwise,
     set_model_config,
     target_linear_names,
+    unpack_quantized,
 )
 from coalora.quant.allocation import table_path  # noqa: E402
 
@@ -83,54 +84,48 @@ def rel_error(weights: dict[str, torch.Tensor], recon: dict[str, torch.Tensor]) 
 
 
 def bench_quantize(weights: dict[str, torch.Tensor], reps: int) -> list[tuple[str, float, float]]:
-    """(label, MB/s, relative error) per quantizer."""
+    """(label, MB/s, relative error) per quantizer. The quantizers are timed round-robin within
+    each repetition, so load from other jobs on the machine affects them alike."""
     mb = sum(w.numel() * 4 for w in weights.values()) / 1e6
-    rows = []
-
-    def ours_dq():
-        return {n: quantize_nf(w, NF4) for n, w in weights.items()}
-
-    def ours_dq_packed():
-        return {n: pack_quantized(quantize_nf(w, NF4)) for n, w in weights.items()}
-
-    def ours_plain():
-        return {n: quantize_nf_blockwise(w, 4, 64) for n, w in weights.items()}
-
-    t = median_time(ours_dq, reps)
-    rows.append(
-        (
-            "ours NF4 + double quant (4, 8, fp32, 64, 256)",
-            mb / t,
-            rel_error(weights, {n: dequantize_nf(q) for n, q in ours_dq().items()}),
-        )
-    )
-    rows.append(
-        ("ours NF4 + double quant, bit-packed", mb / median_time(ours_dq_packed, reps), rows[-1][2])
-    )
-    t = median_time(ours_plain, reps)
-    plain = {
-        n: dequantize_nf_blockwise(c, a, tuple(weights[n].shape))
-        for n, (c, a) in ours_plain().items()
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    quantizers: dict[str, tuple[Callable, Callable]] = {
+        "ours NF4 + double quant (4, 8, fp32, 64, 256)": (
+            lambda w: quantize_nf(w, NF4),
+            lambda n, q: dequantize_nf(q),
+        ),
+        "ours NF4 + double quant, bit-packed": (
+            lambda w: pack_quantized(quantize_nf(w, NF4)),
+            lambda n, p: dequantize_nf(unpack_quantized(p)),
+        ),
+        "ours NF4, no double quant (fp32 absmax / 64)": (
+            lambda w: quantize_nf_blockwise(w, 4, 64),
+            lambda n, ca: dequantize_nf_blockwise(ca[0], ca[1], shapes[n]),
+        ),
     }
-    rows.append(("ours NF4, no double quant (fp32 absmax / 64)", mb / t, rel_error(weights, plain)))
     try:
         import bitsandbytes.functional as bnbf
+
+        for compress in (True, False):
+            quantizers[f"bitsandbytes quantize_4bit nf4, compress_statistics={compress}"] = (
+                lambda w, c=compress: bnbf.quantize_4bit(
+                    w, blocksize=64, quant_type="nf4", compress_statistics=c
+                ),
+                lambda n, ps: bnbf.dequantize_4bit(ps[0], ps[1]),
+            )
     except ImportError:
-        return rows
-    for compress in (True, False):
-
-        def bnb(compress=compress):
-            return {
-                n: bnbf.quantize_4bit(
-                    w, blocksize=64, quant_type="nf4", compress_statistics=compress
-                )
-                for n, w in weights.items()
-            }
-
-        t = median_time(bnb, reps)
-        recon = {n: bnbf.dequantize_4bit(p, s) for n, (p, s) in bnb().items()}
-        label = "bitsandbytes quantize_4bit nf4, compress_statistics=" + str(compress)
-        rows.append((label, mb / t, rel_error(weights, recon)))
+        pass
+    times: dict[str, list[float]] = {label: [] for label in quantizers}
+    for rep in range(reps + 1):  # the first round is a warm-up
+        for label, (quantize, _) in quantizers.items():
+            t0 = time.perf_counter()
+            for w in weights.values():
+                quantize(w)
+            if rep:
+                times[label].append(time.perf_counter() - t0)
+    rows = []
+    for label, (quantize, dequantize) in quantizers.items():
+        recon = {n: dequantize(n, quantize(w)) for n, w in weights.items()}
+        rows.append((label, mb / statistics.median(times[label]), rel_error(weights, recon)))
     return rows
 
 

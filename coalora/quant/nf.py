@@ -176,7 +176,7 @@ def _double_quantize(
     return q1, s2, offset, _dequant_scales(q1, s2f, offset, qc.bits0)
 
 
-_CHUNK = 1 << 15  # elements per CPU chunk: temporaries stay in cache and off the page-fault path
+_CHUNK = 1 << 16  # elements per CPU chunk: temporaries stay in cache and off the page-fault path
 
 
 def _nf_rows(

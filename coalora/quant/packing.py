@@ -37,10 +37,18 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
         return flat.clone()
     if n and int(flat.max()) >= 1 << bits:
         raise ValueError(f"value {int(flat.max())} does not fit in {bits} bits")
-    groups = torch.nn.functional.pad(flat, (0, -n % 8)).view(-1, 8).to(torch.int64)  # (m, 8)
-    shifts = torch.arange(7, -1, -1, device=flat.device) * bits  # value j at bits*(7-j)
-    words = (groups << shifts).sum(dim=1)  # (m,) 8*bits ≤ 56 bits
-    byte_shifts = torch.arange(bits - 1, -1, -1, device=flat.device) * 8
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole values per byte, plain uint8 shifts
+        per = 8 // bits
+        groups = torch.nn.functional.pad(flat, (0, -n % per)).view(-1, per)  # (m, per)
+        packed = groups[:, 0] << (8 - bits)
+        for j in range(1, per):
+            packed |= groups[:, j] << (8 - bits * (j + 1))
+        return packed
+    word = torch.int32 if bits <= 3 else torch.int64  # 8 values = 8*bits bits per word
+    groups = torch.nn.functional.pad(flat, (0, -n % 8)).view(-1, 8).to(word)  # (m, 8)
+    shifts = torch.arange(7, -1, -1, device=flat.device, dtype=word) * bits  # value j at bits*(7-j)
+    words = (groups << shifts).sum(dim=1, dtype=word)  # (m,)
+    byte_shifts = torch.arange(bits - 1, -1, -1, device=flat.device, dtype=word) * 8
     packed = ((words[:, None] >> byte_shifts) & 0xFF).to(torch.uint8)  # (m, bits)
     return packed.reshape(-1)[:nbytes]
 
@@ -56,14 +64,19 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
         )
     if bits == 8:
         return flat[:n].clone()
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = [8 - bits * (j + 1) for j in range(per)]
+        values = torch.stack([(flat[:need] >> sh) & mask for sh in shifts], dim=1)  # (need, per)
+        return values.reshape(-1)[:n]
+    word = torch.int32 if bits <= 3 else torch.int64
     m = -(-n // 8)
-    groups = (
-        torch.nn.functional.pad(flat[:need], (0, m * bits - need)).view(m, bits).to(torch.int64)
-    )
-    byte_shifts = torch.arange(bits - 1, -1, -1, device=flat.device) * 8
-    words = (groups << byte_shifts).sum(dim=1)  # (m,)
-    shifts = torch.arange(7, -1, -1, device=flat.device) * bits
-    values = ((words[:, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8)  # (m, 8)
+    groups = torch.nn.functional.pad(flat[:need], (0, m * bits - need)).view(m, bits).to(word)
+    byte_shifts = torch.arange(bits - 1, -1, -1, device=flat.device, dtype=word) * 8
+    words = (groups << byte_shifts).sum(dim=1, dtype=word)  # (m,)
+    shifts = torch.arange(7, -1, -1, device=flat.device, dtype=word) * bits
+    values = ((words[:, None] >> shifts) & mask).to(torch.uint8)  # (m, 8)
     return values.reshape(-1)[:n]
 
 
