@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import coalora.quant.allocation as allocation
+import coalora.quant.error_table as error_table
 from coalora.quant import (
     ErrorTable,
     QuantSpace,
@@ -172,7 +172,7 @@ def test_save_load_and_disk_cache(tmp_path, weights, table, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rebuilt although cached")
 
-    monkeypatch.setattr(allocation, "build_error_table", boom)
+    monkeypatch.setattr(error_table, "build_error_table", boom)
     assert torch.equal(
         cached_error_table(weights, SMALL, tmp_path, "tiny/model").costs, first.costs
     )
