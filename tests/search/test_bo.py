@@ -101,3 +101,16 @@ def test_propose_candidates_are_new_and_unique():
         keys = [tuple(r) for r in cand.tolist()]
         assert len(keys) == len(set(keys)) == len(labels) >= 1
         assert not set(keys) & {tuple(r) for r in X.tolist()}
+
+
+def test_fit_failure_keeps_prior(monkeypatch, caplog):
+    import coalora.search.bo as bo
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("cholesky failed")
+
+    monkeypatch.setattr(bo, "fit_gpytorch_mll", boom)
+    _, Xn, Y = _data()
+    model = fit_models(Xn, Y)
+    assert len(model.models) == 2 and "keeping prior hyperparameters" in caplog.text
+    assert torch.isfinite(model.posterior(Xn[:2]).mean).all()

@@ -140,8 +140,14 @@ def test_avg_bits_inconsistent(saved):
 
 
 def test_no_botorch_import():
+    import os
     import subprocess
+    from pathlib import Path
 
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = "import sys, coalora.search.configset, coalora.search; print('botorch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=root
+    )
     assert out.stdout.strip() == "False"
