@@ -1,4 +1,4 @@
-"""Bayesian optimisation pieces of the Pareto configuration search (papers.md §1.5, algorithms.md §4.7).
+"""Bayesian optimisation for the Pareto configuration search (papers.md §1.5, algorithms.md §4.7).
 
 * `fit_models`: one BoTorch ``SingleTaskGP`` per objective, each with its OWN kernel (the reference
   code shared one kernel object between both GPs, so fitting the second overwrote the first),
@@ -147,9 +147,10 @@ def finite_difference_search(
     """Finite-difference guided coordinate ascent on the acquisition from integer ``x0`` (d,).
 
     Each step evaluates all the current point's ±1 neighbours together (up to 2d q=1 t-batches,
-    in chunks of `ACQ_CHUNK`) and computes g_i = (a(x+e_i) - a(x-e_i)) / 2 (one-sided at a bound). It moves along
-    argmax |g_i| in the direction sign(g_i) if that improves the acquisition, else to the best
-    improving neighbour, and stops when no single move improves it. Returns (x, a(x), steps).
+    in chunks of `ACQ_CHUNK`) and computes g_i = (a(x+e_i) - a(x-e_i)) / 2 (one-sided at a
+    bound). It moves along argmax |g_i| in the direction sign(g_i) if that improves the
+    acquisition, else to the best improving neighbour, and stops when no single move improves it.
+    Returns (x, a(x), steps).
     """
     lo, hi = bounds[0], bounds[1]
     d = x0.numel()

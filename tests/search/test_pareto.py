@@ -59,8 +59,8 @@ def test_segmented_selection_brute_force():
 def test_segmented_selection_bin_edges():
     bits = torch.tensor([2.0, 2.5, 3.0, 3.5])
     loss = torch.tensor([1.0, 0.5, 0.4, 0.1])
-    # [2, 2.5) holds 2.0; [2.5, 3.0] (last bin, closed) holds 2.5 and 3.0 -> 3.0 dominated by none? no:
-    # 2.5 has loss 0.5, 3.0 has loss 0.4: both non-dominated. 3.5 is outside the edges.
+    # [2, 2.5) holds 2.0; the last bin [2.5, 3.0] is closed and holds 2.5 (loss 0.5) and 3.0
+    # (loss 0.4), both non-dominated; 3.5 lies outside the edges and is never selected.
     assert segmented_selection(bits, loss, [2.0, 2.5, 3.0]).tolist() == [0, 1, 2]
     # segments over the observed range [2, 3.5] in 3 bins of 0.5: each point in its own bin
     assert segmented_selection(bits, loss, segments=3).tolist() == [0, 1, 2, 3]
