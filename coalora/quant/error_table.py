@@ -185,7 +185,12 @@ def cached_error_table(
     residual_fn: Callable[[Tensor, QuantConfig], Tensor] | None = None,
     kind: str | None = None,
 ) -> ErrorTable:
-    """``build_error_table`` through a disk cache; a file for other weights is rebuilt."""
+    """``build_error_table`` through a disk cache; a file for other weights is rebuilt.
+
+    The file is keyed by ``model_name``, the space's digest and ``kind`` (default mse / fisher /
+    custom). With a ``residual_fn`` pass a ``kind`` naming its settings (e.g. ``"lq-r64"``): the
+    function itself is not part of the key.
+    """
     kind = kind or ("custom" if residual_fn else "fisher" if fisher is not None else "mse")
     if cache_dir is None:
         return build_error_table(weights, space, fisher, residual_fn, kind)

@@ -251,7 +251,8 @@ def fake_quantize(W: Tensor, qc: QuantConfig) -> Tensor:
     *_, scales = _double_quantize(_absmax(A3), -(-n // qc.block0), qc)
     out = torch.empty(A3.shape, dtype=torch.float32, device=A3.device)
     _nf_rows(A3.view(-1, qc.block0), scales.view(-1), qc.bits, deq_out=out.view(-1, qc.block0))
-    return out.view(-1)[:n].view(W.shape).to(W.dtype)
+    flat = out.view(-1) if out.numel() == n else out.view(-1)[:n].clone()  # drop padding storage
+    return flat.view(W.shape).to(W.dtype)
 
 
 def quantization_errors(
