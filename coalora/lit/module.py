@@ -32,6 +32,7 @@ class CoaloraModule(L.LightningModule):
             {self._key(lbl): build_metrics(task, prefix="val/") for lbl in self.eval_configs}
         )
         self.last_val: dict[str, float] = {}
+        self.last_val_step = -1
         # Extra trainable modules owned by the method (e.g. the CoA-LoRA mapper) live under
         # ``self.method_modules`` so Lightning sees, moves and checkpoints them.
         self.method_modules = nn.ModuleDict(method.modules())
@@ -74,6 +75,7 @@ class CoaloraModule(L.LightningModule):
         for name, vals in by_metric.items():
             out[f"{name}@mean"] = sum(vals) / len(vals)
         self.last_val = out
+        self.last_val_step = self.global_step
         self.log_dict(out, prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optim

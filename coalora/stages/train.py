@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path)
         fit_s = time.perf_counter() - t1
         metrics = dict(lit.last_val)
-        if cfg.final_eval:
+        if cfg.final_eval and lit.last_val_step != trainer.global_step:
             trainer.validate(lit, datamodule=dm, verbose=False)
             metrics = dict(lit.last_val)
     finally:
