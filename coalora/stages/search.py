@@ -75,7 +75,7 @@ def bits_range(s: DictConfig, space: QuantSpace) -> tuple[float, float]:
     return r
 
 
-def check_search(s: DictConfig, space: QuantSpace) -> tuple[float, float]:
+def check_search(s: DictConfig, space: QuantSpace, check_pool: bool = True) -> tuple[float, float]:
     """Validate the ``search`` group against ``space``; returns the segments' bits range."""
     _positive_int(s, "iterations", 0)
     _positive_int(s, "candidates_per_iter")
@@ -97,7 +97,8 @@ def check_search(s: DictConfig, space: QuantSpace) -> tuple[float, float]:
             f"search.fields={fields or 'all'}: every field has a single option in quant.space; "
             "nothing to search"
         )
-    pool_grid(s.pool, space)
+    if check_pool:
+        pool_grid(s.pool, space)
     return bits_range(s, space)
 
 

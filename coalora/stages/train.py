@@ -72,6 +72,11 @@ def prepare(cfg: DictConfig) -> tuple[Any, ...]:
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    refresh_every = cfg.method.get("search_refresh_every_n_epochs")
+    if refresh_every:  # paper mode: Pareto search between epochs (coalora.lit.search_refresh)
+        from coalora.lit.search_refresh import SearchRefreshCallback
+
+        callbacks.append(SearchRefreshCallback(refresh_every, cfg.method.search_refresh))
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                        plugins=[AtomicCheckpointIO()], _convert_="partial")
 
