@@ -26,7 +26,6 @@ from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
 from coalora.quant import ModelQuantConfig, QuantSpace
 from coalora.search.encoding import active_fields
-from coalora.stages.common import finish_wandb, set_env_defaults, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +253,15 @@ def print_summary(summary: dict[str, Any], header: str, configset: Path) -> None
 
 # ---------------------------------------------------------------- the stage
 def run(cfg: DictConfig) -> dict[str, Any]:
+    space, rng = check_config(cfg)  # before the heavy imports: bad input fails in seconds
     from coalora.quant.model import model_weights
     from coalora.search.configset import make_provenance
     from coalora.search.loop import run_search
     from coalora.search.report import SearchWandb, write_search_outputs
+    from coalora.stages.common import finish_wandb, set_env_defaults, write_run_info
     from coalora.stages.train import run_dir_of
 
     set_env_defaults()
-    space, rng = check_config(cfg)
     run_dir = run_dir_of(cfg)
     objective, _ = build_objective(cfg)
     kind = f"checkpoint {cfg.ckpt}" if cfg.get("ckpt") else "fresh head (B = 0)"
