@@ -98,3 +98,13 @@ def test_resume_continues_step_count(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((resumed / "results.json").read_text())
     assert results["global_step"] == 4
+
+
+def test_multirun_with_joblib_runs_both_jobs(tmp_path):
+    args = [a for a in FAST if not a.startswith("trainer.max_steps")]
+    r = run_cli_env(["-m", *args, "method=lora", "trainer.max_steps=2,3", "hydra/launcher=joblib",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.run.dir=unused"], tmp_path, {})
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = sorted(json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())
+                   ["global_step"] for i in (0, 1))
+    assert steps == [2, 3]
