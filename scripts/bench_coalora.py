@@ -37,8 +37,15 @@ SECTION = "CoA-LoRA step and adaptation cost"
 def build(method: str, extra: list[str]):
     data_dir = os.environ.get("COALORA_DATA_DIR") or str(ROOT.parent / "shared" / "data")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={method}", f"paths.data_dir={data_dir}",
-                                          "task.max_train_samples=512", *extra])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"method={method}",
+                f"paths.data_dir={data_dir}",
+                "task.max_train_samples=512",
+                *extra,
+            ],
+        )
     cfg.paths.output_dir = "/tmp/coalora-bench"
     dm, model, m, ctx = prepare(cfg)
     m.setup(model, ctx)
@@ -114,22 +121,32 @@ def main() -> None:
         ("QLoRA step (fwd+bwd+AdamW), 1 configuration", t_q * 1000),
         ("CoA-LoRA step per configuration (switch + mapper + fwd+bwd+AdamW)", t_c1 * 1000),
         (f"CoA-LoRA training step, k={k} configurations", t_ck * 1000),
-        ("switch base to an unseen configuration (first use: quantize 36 layers)",
-         t_switch_first * 1000),
+        (
+            "switch base to an unseen configuration (first use: quantize 36 layers)",
+            t_switch_first * 1000,
+        ),
         ("switch base to a cached configuration", t_switch_cached * 1000),
         ("adapt: mapper (all layers, one call) + fold B' = B(I+γU)", t_fold * 1000),
         ("coalora.adapt total (cached base switch + mapper + fold)", t_adapt * 1000),
     ]
     ratio = t_c1 / t_q
     lines = header_lines(SECTION)
-    lines += [f"MiniLM-L6 (36 quantized linears), SST-2 batch of {batch['input_ids'].shape[0]} × "
-              f"{batch['input_ids'].shape[1]} tokens, rank {cfg.method.rank}, fp32, "
-              f"{torch.get_num_threads()} threads; medians of {args.reps} runs.", "",
-              "| operation | median ms |", "|---|---:|"]
+    lines += [
+        f"MiniLM-L6 (36 quantized linears), SST-2 batch of {batch['input_ids'].shape[0]} × "
+        f"{batch['input_ids'].shape[1]} tokens, rank {cfg.method.rank}, fp32, "
+        f"{torch.get_num_threads()} threads; medians of {args.reps} runs.",
+        "",
+        "| operation | median ms |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {ms:.2f} |" for name, ms in rows]
-    lines += ["", f"* CoA-LoRA / QLoRA time per configuration: **{ratio:.3f}** (target ≤ 1.15)",
-              f"* adaptation to an unseen configuration (mapper + fold): **{t_fold * 1000:.2f} ms**"
-              " (target ≤ 5 ms)", ""]
+    lines += [
+        "",
+        f"* CoA-LoRA / QLoRA time per configuration: **{ratio:.3f}** (target ≤ 1.15)",
+        f"* adaptation to an unseen configuration (mapper + fold): **{t_fold * 1000:.2f} ms**"
+        " (target ≤ 5 ms)",
+        "",
+    ]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:

@@ -27,28 +27,56 @@ from coalora.report.plots import plot_metric_vs_bits  # noqa: E402
 def rows_of(run: Path) -> list[dict]:
     path = run / "results.json"
     if not path.is_file():
-        raise SystemExit(f"error: {run} has no results.json (runs=<run dirs of train.py/evaluate.py>)")
+        raise SystemExit(
+            f"error: {run} has no results.json (runs=<run dirs of train.py/evaluate.py>)"
+        )
     res = json.loads(path.read_text())
     if "rows" in res:  # evaluate.py
-        return [{"method": res["method"], "run": str(run), "fit_seconds": None, **r}
-                for r in res["rows"]]
+        return [
+            {"method": res["method"], "run": str(run), "fit_seconds": None, **r}
+            for r in res["rows"]
+        ]
     method, metrics = res["method"], res["metrics"]
     out = []
     budgets = res.get("eval_avg_bits") or {}
     for key, value in metrics.items():
         name, _, label = key.partition("@")
         if label and label in budgets:
-            out.append({"method": method, "run": str(run), "kind": "allocation",
-                        "budget": float(label), "avg_bits": budgets[label],
-                        name.split("/")[-1]: value, "fit_seconds": res.get("fit_seconds")})
+            out.append(
+                {
+                    "method": method,
+                    "run": str(run),
+                    "kind": "allocation",
+                    "budget": float(label),
+                    "avg_bits": budgets[label],
+                    name.split("/")[-1]: value,
+                    "fit_seconds": res.get("fit_seconds"),
+                }
+            )
         elif not label and "avg_bits" in res:
-            out.append({"method": method, "run": str(run), "kind": "allocation",
-                        "budget": None, "avg_bits": res["avg_bits"],
-                        name.split("/")[-1]: value, "fit_seconds": res.get("fit_seconds")})
+            out.append(
+                {
+                    "method": method,
+                    "run": str(run),
+                    "kind": "allocation",
+                    "budget": None,
+                    "avg_bits": res["avg_bits"],
+                    name.split("/")[-1]: value,
+                    "fit_seconds": res.get("fit_seconds"),
+                }
+            )
         elif not label:
-            out.append({"method": method, "run": str(run), "kind": "full precision",
-                        "budget": None, "avg_bits": 32.0, name.split("/")[-1]: value,
-                        "fit_seconds": res.get("fit_seconds")})
+            out.append(
+                {
+                    "method": method,
+                    "run": str(run),
+                    "kind": "full precision",
+                    "budget": None,
+                    "avg_bits": 32.0,
+                    name.split("/")[-1]: value,
+                    "fit_seconds": res.get("fit_seconds"),
+                }
+            )
     return out
 
 
@@ -102,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         import wandb
 
         run = wandb.init(project="coalora", job_type="compare")
-        run.log({"comparison": wandb.Table(columns=cols, data=[[r.get(c) for c in cols]
-                                                                for r in rows])})
+        run.log(
+            {"comparison": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
+        )
         run.finish()
 
 

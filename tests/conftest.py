@@ -33,7 +33,8 @@ def compose():
 
     def _compose(overrides: list[str] | None = None, config_name: str = "train"):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides or [],
-                                 return_hydra_config=True)
+            return hydra_compose(
+                config_name=config_name, overrides=overrides or [], return_hydra_config=True
+            )
 
     return _compose

@@ -8,8 +8,17 @@ import pytest
 from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "task", "method", "quant", "trainer", "logger", "callbacks", "paths",
-          "experiment"]
+GROUPS = [
+    "model",
+    "task",
+    "method",
+    "quant",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+]
 # launchers are registered by Hydra and its plugins (no yaml of ours: Hydra would warn that our
 # file shadows the plugin's schema)
 LAUNCHERS = ["basic", "joblib", "submitit_slurm"]

@@ -31,15 +31,23 @@ class CoALoRA(MultiConfigMethod):
         positions = [layer_index(n) for n in self.names]
         m = self.cfg.mapper
         sizes = {
-            "bits": len(self.space.bits), "bits0": len(self.space.bits0),
-            "dtype1": len(self.space.dtype1), "block0": len(self.space.block0),
+            "bits": len(self.space.bits),
+            "bits0": len(self.space.bits0),
+            "dtype1": len(self.space.dtype1),
+            "block0": len(self.space.block0),
             "block1": len(self.space.block1),
             "position": max(int(ctx.cfg.model.num_layers), max(positions) + 1),
             "module": len(types),
         }
         torch.manual_seed(int(ctx.cfg.seed))
-        self.mapper = ConfigMapper(sizes, rank=int(self.cfg.rank), emb_dim=m.emb_dim,
-                                   hidden=m.hidden, init_std=m.init_std, gamma_init=m.gamma_init)
+        self.mapper = ConfigMapper(
+            sizes,
+            rank=int(self.cfg.rank),
+            emb_dim=m.emb_dim,
+            hidden=m.hidden,
+            init_std=m.init_std,
+            gamma_init=m.gamma_init,
+        )
         # (L, 2) static columns: block index and module type of every target layer
         self._static = torch.tensor(
             [[p, types.index(module_type(n, patterns))] for n, p in zip(self.names, positions)]

@@ -26,7 +26,13 @@ from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.methods.base import Method, SetupContext
 from coalora.methods.pool import allocations, initial_pool
-from coalora.quant import DequantCache, ModelQuantConfig, QuantSpace, quantize_model, set_model_config
+from coalora.quant import (
+    DequantCache,
+    ModelQuantConfig,
+    QuantSpace,
+    quantize_model,
+    set_model_config,
+)
 from coalora.quant.model import model_weights
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,7 @@ class MultiConfigMethod(Method):
     quant_modes = None  # the base follows the configuration set; quant.* gives space and cache
 
     def setup(self, model: nn.Module, ctx: SetupContext) -> None:
-        cfg, q = self.cfg, ctx.cfg.quant
+        q = ctx.cfg.quant
         self.names = ctx.names
         self.space = QuantSpace.from_cfg(q.space)
         self.seed = int(ctx.cfg.seed)
@@ -47,9 +53,14 @@ class MultiConfigMethod(Method):
         cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else None
         self.eval_set = self._eval_allocations(weights, cache_dir, ctx)
         self.train_set = self._training_set(weights, cache_dir, ctx)
-        log.info("%s: %d training configurations (%.2f-%.2f bits), eval budgets %s", self.name,
-                 len(self.train_set), min(c.average_bits() for c in self.train_set),
-                 max(c.average_bits() for c in self.train_set), list(self.eval_set))
+        log.info(
+            "%s: %d training configurations (%.2f-%.2f bits), eval budgets %s",
+            self.name,
+            len(self.train_set),
+            min(c.average_bits() for c in self.train_set),
+            max(c.average_bits() for c in self.train_set),
+            list(self.eval_set),
+        )
         self.cache = DequantCache(limit_mb=q.cache_limit_mb)
         self.config = next(iter(self.eval_set.values()))
         self.qlayers = quantize_model(model, self.names, self.config, self.cache)
@@ -63,10 +74,13 @@ class MultiConfigMethod(Method):
         lo, hi = self.space.min_bits(), self.space.max_bits()
         bad = [b for b in budgets if not lo <= b <= hi]
         if bad:
-            raise ConfigError(f"method.eval_budgets={bad} outside the achievable average bits "
-                              f"[{lo:.4f}, {hi:.4f}] of quant.space")
-        allocs = allocations(weights, budgets, self.space, cache_dir, ctx.cfg.model.name,
-                             ctx.cfg.quant.solver)
+            raise ConfigError(
+                f"method.eval_budgets={bad} outside the achievable average bits "
+                f"[{lo:.4f}, {hi:.4f}] of quant.space"
+            )
+        allocs = allocations(
+            weights, budgets, self.space, cache_dir, ctx.cfg.model.name, ctx.cfg.quant.solver
+        )
         return {f"{b:g}": c for b, c in allocs.items()}
 
     def _training_set(self, weights, cache_dir, ctx) -> list[ModelQuantConfig]:
@@ -77,11 +91,21 @@ class MultiConfigMethod(Method):
             entries = [e for e in cs.entries if e.pareto] if self.cfg.get("pareto_only") else []
             entries = entries or cs.entries
             if not entries:
-                raise ConfigError(f"method.configset={self.cfg.configset} has no entries to train on")
+                raise ConfigError(
+                    f"method.configset={self.cfg.configset} has no entries to train on"
+                )
             return [cs.entry_config(e) for e in entries]
         p = self.cfg.pool
-        return initial_pool(weights, self.space, p.start, p.stop, p.step, cache_dir,
-                            ctx.cfg.model.name, ctx.cfg.quant.solver)
+        return initial_pool(
+            weights,
+            self.space,
+            p.start,
+            p.stop,
+            p.step,
+            cache_dir,
+            ctx.cfg.model.name,
+            ctx.cfg.quant.solver,
+        )
 
     def set_training_set(self, configs: list[ModelQuantConfig]) -> None:
         """Swap the configurations drawn from (the in-training search refresh uses this)."""

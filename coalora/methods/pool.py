@@ -97,7 +97,9 @@ def initial_pool(
     names = list(weights)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"pool-{model_name}-{space.digest()}-{start:g}-{stop:g}-{step:g}.json"
+        path = (
+            Path(cache_dir) / f"pool-{model_name}-{space.digest()}-{start:g}-{stop:g}-{step:g}.json"
+        )
         if path.is_file():
             try:
                 cs = ConfigSet.load(path, expected_names=names, space=space)
@@ -110,7 +112,9 @@ def initial_pool(
     if path is not None:
         by_bits = {id(c): f"allocation@{b:g}" for b, c in allocs.items()}
         ConfigSet.from_model_configs(
-            configs, space=space, sources=[by_bits.get(id(c), "allocation") for c in configs],
+            configs,
+            space=space,
+            sources=[by_bits.get(id(c), "allocation") for c in configs],
             pareto=[True] * len(configs),
             provenance={"model": model_name, "kind": "initial pool", "grid": [start, stop, step]},
         ).save(path)

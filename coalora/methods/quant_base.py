@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from coalora.errors import CoaloraError, ConfigError
 
 
-def calibration_fisher(model: nn.Module, names: list[str], ctx, n_examples: int) -> dict[str, Tensor]:
+def calibration_fisher(
+    model: nn.Module, names: list[str], ctx, n_examples: int
+) -> dict[str, Tensor]:
     """Diagonal empirical Fisher of the target weights from ``n_examples`` single-example
     training batches (LQ-LoRA §3.4; the task loss with the model's fresh head)."""
     from coalora.quant import fisher_diagonal
@@ -48,12 +50,16 @@ def quantize_base(model: nn.Module, names: list[str], ctx):
             from coalora.quant import QuantSpace
 
             b = float(q.budget)
-            config = allocations(weights, [b], QuantSpace.from_cfg(q.space),
-                                 Path(cache_dir) if cache_dir else None, ctx.cfg.model.name,
-                                 q.solver)[b]
+            config = allocations(
+                weights,
+                [b],
+                QuantSpace.from_cfg(q.space),
+                Path(cache_dir) if cache_dir else None,
+                ctx.cfg.model.name,
+                q.solver,
+            )[b]
         else:
-            config = build_model_config(q, weights, numels, cache_dir, ctx.cfg.model.name,
-                                        fisher)
+            config = build_model_config(q, weights, numels, cache_dir, ctx.cfg.model.name, fisher)
     except CoaloraError:
         raise
     except ValueError as e:  # e.g. an unreachable budget: name the key, keep the message

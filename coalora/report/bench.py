@@ -30,16 +30,24 @@ def median_time(fn: Callable[[], object], reps: int = 7, warmup: int = 1) -> flo
 def machine_line() -> str:
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
-            f"{platform.platform()}")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
+        f"{platform.platform()}"
+    )
 
 
 def header_lines(title: str, command: str | None = None) -> list[str]:
     cmd = command or " ".join(["python", *sys.argv])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return [f"## {title}", "", f"* command: `{cmd}`", f"* date: {date}",
-            f"* machine: {machine_line()}", ""]
+    return [
+        f"## {title}",
+        "",
+        f"* command: `{cmd}`",
+        f"* date: {date}",
+        f"* machine: {machine_line()}",
+        "",
+    ]
 
 
 def write_section(path: str | Path, title: str, body: str) -> None:
@@ -52,5 +60,5 @@ def write_section(path: str | Path, title: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + body
     else:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + body + ("\n" + text[end + 1:] if end >= 0 else "")
+        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
     atomic_write_text(path, text.rstrip("\n") + "\n")

@@ -14,22 +14,32 @@ from coalora.io import atomic_write  # noqa: E402
 SKIP = {"budget", "kind", "avg_bits", "adapt_ms"}
 
 
-def plot_metric_vs_bits(series: dict[str, list[dict]], path: str | Path,
-                        metric: str | None = None) -> Path:
+def plot_metric_vs_bits(
+    series: dict[str, list[dict]], path: str | Path, metric: str | None = None
+) -> Path:
     """``series``: method -> rows with ``avg_bits``, ``kind`` and metric columns."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in series.items():
         if not rows:
             continue
         key = metric or next(k for k in rows[0] if k not in SKIP)
-        alloc = sorted((r for r in rows if r.get("kind", "allocation") == "allocation"),
-                       key=lambda r: r["avg_bits"])
+        alloc = sorted(
+            (r for r in rows if r.get("kind", "allocation") == "allocation"),
+            key=lambda r: r["avg_bits"],
+        )
         other = [r for r in rows if r.get("kind", "allocation") != "allocation"]
-        line, = ax.plot([r["avg_bits"] for r in alloc], [r[key] for r in alloc], marker="o",
-                        label=f"{name}")
+        (line,) = ax.plot(
+            [r["avg_bits"] for r in alloc], [r[key] for r in alloc], marker="o", label=f"{name}"
+        )
         if other:
-            ax.scatter([r["avg_bits"] for r in other], [r[key] for r in other], marker="x",
-                       color=line.get_color(), alpha=0.7, label=f"{name} (random near budget)")
+            ax.scatter(
+                [r["avg_bits"] for r in other],
+                [r[key] for r in other],
+                marker="x",
+                color=line.get_color(),
+                alpha=0.7,
+                label=f"{name} (random near budget)",
+            )
         ax.set_ylabel(key)
     ax.set_xlabel("average bits")
     ax.grid(alpha=0.3)

@@ -17,8 +17,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from coalora.io import atomic_write, atomic_write_json, atomic_write_text
 
-PACKAGES = ("coalora", "torch", "lightning", "transformers", "hydra-core", "bitsandbytes",
-            "botorch", "gpytorch", "datasets", "peft", "wandb")
+PACKAGES = (
+    "coalora",
+    "torch",
+    "lightning",
+    "transformers",
+    "hydra-core",
+    "bitsandbytes",
+    "botorch",
+    "gpytorch",
+    "datasets",
+    "peft",
+    "wandb",
+)
 
 
 def wandb_mode() -> str:
@@ -38,11 +49,17 @@ def set_env_defaults() -> None:
 def git_sha() -> str | None:
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else None
     except (OSError, subprocess.SubprocessError):
         return None

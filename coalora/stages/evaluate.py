@@ -29,8 +29,15 @@ from coalora.stages.restore import restore
 log = logging.getLogger(__name__)
 
 
-def random_near(base: ModelQuantConfig, space: QuantSpace, budget: float, tol: float,
-                rng: random.Random, frac: float = 0.3, tries: int = 2000) -> ModelQuantConfig | None:
+def random_near(
+    base: ModelQuantConfig,
+    space: QuantSpace,
+    budget: float,
+    tol: float,
+    rng: random.Random,
+    frac: float = 0.3,
+    tries: int = 2000,
+) -> ModelQuantConfig | None:
     """A random per-layer perturbation of ``base`` whose average bits is within ``tol``."""
     names, options = list(base), space.options()
     for _ in range(tries):
@@ -67,8 +74,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from coalora.methods.pool import allocations
 
     weights = model_weights(lit.model, method.names)
-    allocs = allocations(weights, [float(b) for b in cfg.eval.budgets], space,
-                         Path(cfg.paths.cache_dir), run_cfg.model.name)
+    allocs = allocations(
+        weights,
+        [float(b) for b in cfg.eval.budgets],
+        space,
+        Path(cfg.paths.cache_dir),
+        run_cfg.model.name,
+    )
     rng = random.Random(cfg.eval.seed)
     rows = []
     for budget, alloc in allocs.items():
@@ -82,8 +94,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             method.on_eval_config(lit.model, f"{budget:g}", config)
             adapt_ms = 1000 * (time.perf_counter() - t0)
             m = score(lit, loader, run_cfg.task)
-            rows.append({"budget": budget, "kind": kind, "avg_bits": config.average_bits(),
-                         "adapt_ms": round(adapt_ms, 2), **m})
+            rows.append(
+                {
+                    "budget": budget,
+                    "kind": kind,
+                    "avg_bits": config.average_bits(),
+                    "adapt_ms": round(adapt_ms, 2),
+                    **m,
+                }
+            )
             log.info("budget %.2f %s (%.3f bits): %s", budget, kind, config.average_bits(), m)
     results = {"ckpt": str(cfg.ckpt), "method": run_cfg.method.name, "rows": rows}
     atomic_write_json(out_dir / "results.json", results)
@@ -100,7 +119,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     plot_metric_vs_bits({run_cfg.method.name: rows}, out_dir / "metric_vs_bits.png")
     for r in rows:
-        print(f"{r['budget']:>5g} {r['kind']:<10} {r['avg_bits']:.3f} bits  " +
-              "  ".join(f"{k}={v:.4f}" for k, v in r.items() if k not in
-                        ("budget", "kind", "avg_bits", "adapt_ms")) + f"  adapt {r['adapt_ms']} ms")
+        print(
+            f"{r['budget']:>5g} {r['kind']:<10} {r['avg_bits']:.3f} bits  "
+            + "  ".join(
+                f"{k}={v:.4f}"
+                for k, v in r.items()
+                if k not in ("budget", "kind", "avg_bits", "adapt_ms")
+            )
+            + f"  adapt {r['adapt_ms']} ms"
+        )
     return results

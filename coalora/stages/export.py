@@ -45,8 +45,9 @@ def export_configuration(cfg: DictConfig, run_cfg: DictConfig, lit) -> ModelQuan
 
         space = getattr(method, "space", None) or QuantSpace.from_cfg(run_cfg.quant.space)
         weights = model_weights(lit.model, method.names)
-        table = cached_error_table(weights, space, Path(run_cfg.paths.cache_dir),
-                                   run_cfg.model.name)
+        table = cached_error_table(
+            weights, space, Path(run_cfg.paths.cache_dir), run_cfg.model.name
+        )
         return allocate(weights, float(q.budget), space, table=table, solver=q.solver)
     raise ConfigError(f"export: quant={q.mode} is not allowed; allowed: ['budget', 'file']")
 
@@ -125,8 +126,11 @@ def write_export(out_dir: Path, files: dict[str, Any]) -> Path:
 def load_quantized_base(model: nn.Module, quant_config: str | Path | ModelQuantConfig) -> nn.Module:
     """Replace each target linear's weight by its quantize-dequantize under ``quant_config``
     (plain ``nn.Linear`` layers, so vanilla PEFT can wrap them)."""
-    config = (quant_config if isinstance(quant_config, ModelQuantConfig)
-              else ModelQuantConfig.from_json(quant_config))
+    config = (
+        quant_config
+        if isinstance(quant_config, ModelQuantConfig)
+        else ModelQuantConfig.from_json(quant_config)
+    )
     weights = model_weights(model, list(config))
     with torch.no_grad():
         for name, qc in config.items():
@@ -155,8 +159,9 @@ def run(cfg: DictConfig) -> Path:
         "README.md": model_card(run_cfg, config, source),
     }
     write_export(out_dir, files)
-    atomic_write_json(Path(cfg.paths.output_dir) / "export.json",
-                      {"adapter_dir": str(out_dir), "avg_bits": config.average_bits(),
-                       "ckpt": str(cfg.ckpt)})
+    atomic_write_json(
+        Path(cfg.paths.output_dir) / "export.json",
+        {"adapter_dir": str(out_dir), "avg_bits": config.average_bits(), "ckpt": str(cfg.ckpt)},
+    )
     print(f"exported {method.name} adapter at {config.average_bits():.4f} bits to {out_dir}")
     return out_dir

@@ -29,8 +29,9 @@ def resolve_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
     return run_dir, f
 
 
-def restore(ckpt: str | Path, cache_dir: str | Path | None = None,
-            with_data: bool = False) -> tuple[DictConfig, CoaloraModule]:
+def restore(
+    ckpt: str | Path, cache_dir: str | Path | None = None, with_data: bool = False
+) -> tuple[DictConfig, CoaloraModule]:
     """The run's resolved config and its LightningModule with the trained parameters loaded."""
     run_dir, ckpt_file = resolve_checkpoint(ckpt)
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -43,8 +44,13 @@ def restore(ckpt: str | Path, cache_dir: str | Path | None = None,
         from coalora.stages.train import build_datamodule
 
         dm = build_datamodule(cfg, build_tokenizer(cfg.model))
-    ctx = SetupContext(cfg=cfg, names=names, datamodule=dm, run_dir=run_dir,
-                       cache_dir=Path(cache_dir or cfg.paths.cache_dir))
+    ctx = SetupContext(
+        cfg=cfg,
+        names=names,
+        datamodule=dm,
+        run_dir=run_dir,
+        cache_dir=Path(cache_dir or cfg.paths.cache_dir),
+    )
     method.setup(model, ctx)
     lit = CoaloraModule(model, method, cfg.task, cfg.optim, ctx)
     state = torch.load(ckpt_file, map_location="cpu", weights_only=True)

@@ -64,8 +64,13 @@ def prepare(cfg: DictConfig) -> tuple[Any, ...]:
     dm = build_datamodule(cfg, tokenizer)
     model = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
     names = target_names(model, list(cfg.model.target_modules))
-    ctx = SetupContext(cfg=cfg, names=names, datamodule=dm, run_dir=run_dir_of(cfg),
-                       cache_dir=Path(cfg.paths.cache_dir))
+    ctx = SetupContext(
+        cfg=cfg,
+        names=names,
+        datamodule=dm,
+        run_dir=run_dir_of(cfg),
+        cache_dir=Path(cfg.paths.cache_dir),
+    )
     return dm, model, method, ctx
 
 
@@ -77,8 +82,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
         from coalora.lit.search_refresh import SearchRefreshCallback
 
         callbacks.append(SearchRefreshCallback(refresh_every, cfg.method.search_refresh))
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                       plugins=[AtomicCheckpointIO()], _convert_="partial")
+    return instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        _convert_="partial",
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -92,8 +102,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     setup_s = time.perf_counter() - t0
     lit = CoaloraModule(model, method, cfg.task, cfg.optim, ctx)
     n_train = sum(p.numel() for p in lit.parameters() if p.requires_grad)
-    write_run_info(cfg, run_dir, "train", {"trainable_parameters": n_train,
-                                           "target_layers": len(ctx.names)})
+    write_run_info(
+        cfg, run_dir, "train", {"trainable_parameters": n_train, "target_layers": len(ctx.names)}
+    )
     trainer = build_trainer(cfg, run_dir)
     try:
         t1 = time.perf_counter()
@@ -129,8 +140,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def print_summary(results: dict[str, Any]) -> None:
     m = results["metrics"]
-    lines = [f"{results['method']} on {results['model']}/{results['task']}: "
-             f"{results['global_step']} steps in {results['fit_seconds']:.0f}s"]
+    lines = [
+        f"{results['method']} on {results['model']}/{results['task']}: "
+        f"{results['global_step']} steps in {results['fit_seconds']:.0f}s"
+    ]
     if "avg_bits" in results:
         lines.append(f"  trained configuration: {results['avg_bits']:.3f} average bits")
     for k, v in m.items():

@@ -20,11 +20,20 @@ def shared_cache(tmp_path_factory):
 def tiny_cfg(tmp_path, shared_cache):
     def _cfg(overrides: list[str]):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=[
-                "model=tiny_bert", f"paths.data_dir={ROOT / 'tests' / 'fixtures'}",
-                f"paths.cache_dir={shared_cache}", f"paths.log_dir={tmp_path / 'out'}",
-                "data.allow_hub=false", "data.batch_size=8", "callbacks=minimal",
-                "logger=csv", *overrides])
+            cfg = compose(
+                "train",
+                overrides=[
+                    "model=tiny_bert",
+                    f"paths.data_dir={ROOT / 'tests' / 'fixtures'}",
+                    f"paths.cache_dir={shared_cache}",
+                    f"paths.log_dir={tmp_path / 'out'}",
+                    "data.allow_hub=false",
+                    "data.batch_size=8",
+                    "callbacks=minimal",
+                    "logger=csv",
+                    *overrides,
+                ],
+            )
         cfg.paths.output_dir = str(tmp_path / "run")
         return cfg
 

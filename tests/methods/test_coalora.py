@@ -63,8 +63,11 @@ def test_training_step_updates_lora_and_mapper_only(built):
     grads = {n for n, p in lit.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("lora_A" in n for n in grads) and any("mapper" in n for n in grads)
     assert any("classifier" in n for n in grads)
-    frozen = [n for n, p in lit.named_parameters() if p.requires_grad and not (
-        "lora_" in n or "mapper" in n or "classifier" in n)]
+    frozen = [
+        n
+        for n, p in lit.named_parameters()
+        if p.requires_grad and not ("lora_" in n or "mapper" in n or "classifier" in n)
+    ]
     assert frozen == []
     assert all(isinstance(m, LoRALinear) for m in lit.method.loras)
 
@@ -94,11 +97,14 @@ def test_peft_export_round_trip_gives_equal_logits(built, tmp_path, method):
     with torch.no_grad():
         ours = lit.model(**batch).logits
     head = ["classifier"]
-    out = write_export(tmp_path / "adapter", {
-        "adapter_config.json": adapter_config(cfg, m.names, head),
-        "adapter_model.safetensors": peft_state(lit.model, m.names, head),
-        "quant_config.json": config.to_dict(),
-    })
+    out = write_export(
+        tmp_path / "adapter",
+        {
+            "adapter_config.json": adapter_config(cfg, m.names, head),
+            "adapter_model.safetensors": peft_state(lit.model, m.names, head),
+            "quant_config.json": config.to_dict(),
+        },
+    )
     base = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
     load_quantized_base(base, out / "quant_config.json")
     theirs_model = peft.PeftModel.from_pretrained(base, str(out)).eval()

@@ -15,12 +15,19 @@ def write(run: Path, obj: dict) -> Path:
 
 
 def test_compare_builds_table_and_plot(tmp_path, monkeypatch, capsys):
-    coa = write(tmp_path / "coa", {"method": "coalora", "fit_seconds": 10.0,
-                                   "eval_avg_bits": {"2.5": 2.49, "3": 2.99},
-                                   "metrics": {"val/acc@2.5": 0.80, "val/acc@3": 0.85,
-                                               "val/acc@mean": 0.825}})
-    ql = write(tmp_path / "ql", {"method": "qlora", "avg_bits": 2.99, "fit_seconds": 5.0,
-                                 "metrics": {"val/acc": 0.86}})
+    coa = write(
+        tmp_path / "coa",
+        {
+            "method": "coalora",
+            "fit_seconds": 10.0,
+            "eval_avg_bits": {"2.5": 2.49, "3": 2.99},
+            "metrics": {"val/acc@2.5": 0.80, "val/acc@3": 0.85, "val/acc@mean": 0.825},
+        },
+    )
+    ql = write(
+        tmp_path / "ql",
+        {"method": "qlora", "avg_bits": 2.99, "fit_seconds": 5.0, "metrics": {"val/acc": 0.86}},
+    )
     out = tmp_path / "cmp"
     monkeypatch.setattr(sys, "argv", ["compare.py", f"runs={coa},{ql}", f"out={out}"])
     runpy.run_path(str(SCRIPT), run_name="__main__")

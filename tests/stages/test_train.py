@@ -31,12 +31,24 @@ def run_cli(args: list[str], tmp: Path, script: str = "train.py") -> subprocess.
 
 
 def run_cli_env(args: list[str], tmp: Path, extra_env: dict, script: str = "train.py"):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "COALORA_CACHE_DIR": str(tmp / "cache"), **extra_env}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "COALORA_CACHE_DIR": str(tmp / "cache"),
+        **extra_env,
+    }
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args = [*args, f"hydra.run.dir={tmp / 'run'}"]
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_py_fast_run_logs_metrics(tmp_path):
@@ -82,8 +94,9 @@ def test_missing_data_is_one_clear_line(tmp_path):
 
 def test_wandb_logger_runs_offline_and_finishes(tmp_path):
     env_mode = {"WANDB_MODE": "offline"}
-    r = run_cli_env([*FAST, "method=lora", "logger=wandb", "trainer.max_steps=2"], tmp_path,
-                    env_mode)
+    r = run_cli_env(
+        [*FAST, "method=lora", "logger=wandb", "trainer.max_steps=2"], tmp_path, env_mode
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline W&B run"
 
@@ -93,8 +106,17 @@ def test_resume_continues_step_count(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     resumed = tmp_path / "resumed"
-    r = run_cli_env([*FAST, "method=lora", "trainer.max_steps=4", f"ckpt_path={ckpt}",
-                     f"hydra.run.dir={resumed}"], tmp_path, {})
+    r = run_cli_env(
+        [
+            *FAST,
+            "method=lora",
+            "trainer.max_steps=4",
+            f"ckpt_path={ckpt}",
+            f"hydra.run.dir={resumed}",
+        ],
+        tmp_path,
+        {},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((resumed / "results.json").read_text())
     assert results["global_step"] == 4
@@ -102,9 +124,22 @@ def test_resume_continues_step_count(tmp_path):
 
 def test_multirun_with_joblib_runs_both_jobs(tmp_path):
     args = [a for a in FAST if not a.startswith("trainer.max_steps")]
-    r = run_cli_env(["-m", *args, "method=lora", "trainer.max_steps=2,3", "hydra/launcher=joblib",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.run.dir=unused"], tmp_path, {})
+    r = run_cli_env(
+        [
+            "-m",
+            *args,
+            "method=lora",
+            "trainer.max_steps=2,3",
+            "hydra/launcher=joblib",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "hydra.run.dir=unused",
+        ],
+        tmp_path,
+        {},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    steps = sorted(json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())
-                   ["global_step"] for i in (0, 1))
+    steps = sorted(
+        json.loads((tmp_path / "sweep" / str(i) / "results.json").read_text())["global_step"]
+        for i in (0, 1)
+    )
     assert steps == [2, 3]
