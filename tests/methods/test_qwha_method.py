@@ -15,6 +15,7 @@ import torch
 from coalora.adapters import WHTAdapterLinear, adapter_modules
 from coalora.adapters.qwha_init import GramCollector, output_error
 from coalora.errors import ConfigError
+from coalora.methods.qwha import FusedWHTAdapterLinear
 from coalora.models import build_model
 from coalora.quant import QuantLinear
 
@@ -69,6 +70,19 @@ def test_step0_output_closer_to_fp_than_zero_init(built):
     ref = hidden(fp)
     assert all(float(a.spectrum.detach().abs().sum()) == 0 for a in zero.method.adapters.values())
     assert float((hidden(init) - ref).norm()) < float((hidden(zero) - ref).norm())
+
+
+def test_fused_forward_equals_unfused(built):
+    _, lit, dm = built(["method=qwha", *UNIFORM3])
+    x = {k: v for k, v in next(iter(dm.train_dataloader())).items() if k != "labels"}
+    lit.model.eval()
+    with torch.no_grad():
+        fused = lit.model(**x).logits
+        for ad in lit.method.adapters.values():
+            assert isinstance(ad, FusedWHTAdapterLinear)
+            ad.__class__ = WHTAdapterLinear  # the adapter's own forward: base(x) + x ΔWᵀ
+        unfused = lit.model(**x).logits
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_only_spectra_and_head(built):
