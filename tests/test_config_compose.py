@@ -67,3 +67,14 @@ def test_default_job_is_minilm_sst2(compose):
     cfg = compose([])
     assert cfg.model.name == "minilm_l6" and cfg.task.name == "sst2"
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
+
+
+def test_method_defaults_override_trainer_and_quant_but_cli_wins(compose):
+    cfg = compose(["method=coalora"])
+    assert cfg.trainer.max_steps == 1000 and cfg.method.name == "coalora"
+    cfg = compose(["method=coalora", "trainer.max_steps=7"])
+    assert cfg.trainer.max_steps == 7
+    cfg = compose(["method=qlora"])
+    assert cfg.quant.mode == "nf4" and cfg.trainer.max_steps == 2000
+    cfg = compose(["method=qlora", "quant=budget", "quant.budget=2.5"])
+    assert cfg.quant.mode == "budget" and cfg.quant.budget == 2.5
