@@ -190,7 +190,8 @@ def main() -> None:
         "",
         f"Measured {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} with",
         f"`COALORA_DATA_DIR=/work/shared/data OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} "
-        f"python scripts/bench_baselines.py {cmd}`".rstrip(),
+        f"python scripts/bench_baselines.py {cmd}".rstrip()
+        + "`",
         "",
         f"Machine: `{machine}`, nproc {os.cpu_count()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} thread), Python {platform.python_version()}; the 2 cores are "
@@ -213,6 +214,15 @@ def main() -> None:
             f"| {r['budget']:g} | {r['method']} | {r['bits']:.3f} | {r['setup']:.1f} | {r['acc']:.4f} | "
             f"{r['loss']:.4f} | {r['h_rel']:.4f} | {r['h_cos']:.4f} | {r['cls_cos']:.4f} | {r.get('note', '')} |"
             for r in rows
+        ],
+        "",
+        *[
+            f"Closest to full precision at {b:g} bits (h rel): "
+            + " < ".join(
+                r["method"] for r in sorted(rows, key=lambda r: r["h_rel"]) if r["budget"] == b
+            )
+            + "."
+            for b in args.budgets
         ],
         "",
         f"Error tables ({tables['layers']} layers × {tables['options']} options, built once, cached "
