@@ -4,12 +4,16 @@
 #
 #   scripts/pipeline.sh                      # full: 10 search rounds, 1000 training steps
 #   QUICK=1 scripts/pipeline.sh              # smoke run: 2 rounds, 60 steps, 256 eval samples
+#                                            # (QUICK=1 BASELINE=1 CKPT=pool: ~22 min on a busy 2-core CPU)
 #   BASELINE=1 scripts/pipeline.sh           # + the same training on the initial pool (comparison)
+#   CKPT=pool scripts/pipeline.sh            # train on the pool first, search with that adapter
 #
 # Environment (defaults in brackets):
 #   ITER [10]  search rounds          CANDS [5]   candidates per round    CALIB [4] calibration batches
 #   STEPS [1000] training steps       SEED [42]   seed of every stage     EVAL_SAMPLES [all] dev examples
 #   BASELINE [0] also train + evaluate CoA-LoRA on the initial pool (no configset), same steps/seed
+#   CKPT [none] trained coalora run whose adapter + head score the search's loss (without it: the
+#        quantized base + a fresh head); CKPT=pool trains the pool baseline first and uses it
 #   OUT [outputs/pipeline/<date>]     PY [.venv/bin/python]
 #   SEARCH_ARGS / TRAIN_ARGS / EVAL_ARGS   extra Hydra overrides for each stage
 set -euo pipefail
@@ -25,6 +29,7 @@ STEPS=${STEPS:-1000}
 SEED=${SEED:-42}
 EVAL_SAMPLES=${EVAL_SAMPLES:-null}
 BASELINE=${BASELINE:-0}
+CKPT=${CKPT:-}
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/pipeline/$(date +%Y-%m-%d_%H-%M-%S)}
 if [[ -z "${COALORA_DATA_DIR:-}" && -d ../shared/data/glue ]]; then
@@ -35,11 +40,6 @@ export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_DISABLE_TELEMETRY=1
 SEARCH_EXTRA=(${SEARCH_ARGS:-}) TRAIN_EXTRA=(${TRAIN_ARGS:-}) EVAL_EXTRA=(${EVAL_ARGS:-})
 
 stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
-
-stage "search: $ITER rounds x $CANDS candidates -> $OUT/search"
-"$PY" search.py model=minilm_l6 task=sst2 seed="$SEED" search.iterations="$ITER" \
-  search.candidates_per_iter="$CANDS" search.calib_batches="$CALIB" \
-  "${SEARCH_EXTRA[@]}" hydra.run.dir="$OUT/search"
 
 train_eval() {  # name, extra overrides...
   local name=$1; shift
@@ -52,8 +52,20 @@ train_eval() {  # name, extra overrides...
     eval.seed="$SEED" "${EVAL_EXTRA[@]}" hydra.run.dir="$OUT/eval_$name"
 }
 
+if [[ "$CKPT" == pool ]]; then
+  train_eval pool
+  CKPT="$OUT/train_pool"
+fi
+CKPT_ARG=()
+[[ -n "$CKPT" ]] && CKPT_ARG=(ckpt="$CKPT")
+
+stage "search: $ITER rounds x $CANDS candidates -> $OUT/search"
+"$PY" search.py model=minilm_l6 task=sst2 seed="$SEED" search.iterations="$ITER" \
+  search.candidates_per_iter="$CANDS" search.calib_batches="$CALIB" "${CKPT_ARG[@]}" \
+  "${SEARCH_EXTRA[@]}" hydra.run.dir="$OUT/search"
+
 train_eval searched method.configset="$OUT/search/configset.json"
-if [[ "$BASELINE" == 1 ]]; then
+if [[ "$BASELINE" == 1 && ! -d "$OUT/eval_pool" ]]; then
   train_eval pool
 fi
 

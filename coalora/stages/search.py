@@ -264,7 +264,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_env_defaults()
     run_dir = run_dir_of(cfg)
     objective, _ = build_objective(cfg)
-    kind = f"checkpoint {cfg.ckpt}" if cfg.get("ckpt") else "fresh head (B = 0)"
+    ckpt = str(Path(cfg.ckpt).resolve()) if cfg.get("ckpt") else None
+    kind = f"checkpoint {ckpt}" if ckpt else "fresh head (B = 0)"
     names, numels = objective.names, objective.numels
     weights = model_weights(objective.model, names)
     solver = cfg.quant.get("solver", "milp")
@@ -276,7 +277,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir,
         "search",
         {
-            "ckpt": cfg.get("ckpt"),
+            "ckpt": ckpt,
             "objective": kind,
             "target_layers": len(names),
             "initial_pool": len(pool),
@@ -293,7 +294,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary = summarize(result, kind)
         provenance = make_provenance(
             seed=int(cfg.seed), model=cfg.model.name, task=cfg.task.name,
-            command=" ".join(["search.py", *sys.argv[1:]]), ckpt=cfg.get("ckpt"),
+            command=" ".join(["search.py", *sys.argv[1:]]), ckpt=ckpt,
             objective=kind, search=OmegaConf.to_container(cfg.search, resolve=True),
             bits_range=list(rng), reference=result.reference,
         )  # fmt: skip
@@ -309,7 +310,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "model": cfg.model.name,
             "task": cfg.task.name,
             "seed": int(cfg.seed),
-            "ckpt": cfg.get("ckpt"),
+            "ckpt": ckpt,
             **summary,
             "hypervolume": result.hypervolume,
             "files": {k: str(v) for k, v in paths.items()},
