@@ -32,6 +32,8 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from coalora.report.bench import write_section  # noqa: E402
+
 SECTION = "## Baselines at step 0 (LQ-LoRA, QWHA vs QLoRA)"
 METHODS = {
     "qlora": ["method=qlora"],
@@ -120,20 +122,6 @@ def build_tables(budgets, cache_dir, out_dir, full_layers: int) -> dict[str, flo
         out["full_layers"] = full_layers
     print(f"tables: {out}", flush=True)
     return out
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace our section (up to the next '## ' heading) or append it; keep everything else."""
-    from coalora.io import atomic_write_text
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
-    atomic_write_text(path, text.rstrip("\n") + "\n")
 
 
 def main() -> None:
@@ -236,7 +224,7 @@ def main() -> None:
         ),
         "",
     ]
-    write_section(ROOT / "docs" / "benchmarks.md", "\n".join(lines))
+    write_section(ROOT / "docs" / "benchmarks.md", SECTION[3:], "\n".join(lines))
     print(f"wrote {SECTION!r} in docs/benchmarks.md")
 
 

@@ -55,6 +55,8 @@ from coalora.quant import (  # noqa: E402
 from coalora.quant.allocation import table_path  # noqa: E402
 
 PATTERNS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+from coalora.report.bench import write_section  # noqa: E402
+
 SECTION = "## Quantization engine"
 
 
@@ -257,22 +259,8 @@ def main() -> None:
         f"solution ({lag.average_bits():.4f} bits) costs {gap * 100:.3f}% more error.",
         "",
     ]
-    write_section(ROOT / "docs" / "benchmarks.md", "\n".join(lines))
+    write_section(ROOT / "docs" / "benchmarks.md", SECTION[3:], "\n".join(lines))
     print(f"wrote {SECTION!r} in docs/benchmarks.md")
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace our section (up to the next '## ' heading) or append it; keep everything else."""
-    from coalora.io import atomic_write_text
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
-    atomic_write_text(path, text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
