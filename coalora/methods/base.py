@@ -30,6 +30,18 @@ class SetupContext:
     cache_dir: Path | None = None
 
 
+def settings_from_cfg(cls: type, cfg: Any, prefix: str):
+    """Build the settings dataclass ``cls`` from a config block, rejecting unknown keys."""
+    from dataclasses import fields
+
+    cfg = cfg or {}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f"{prefix} has unknown keys {unknown}; allowed: {sorted(known)}")
+    return cls(**{k: cfg[k] for k in cfg})
+
+
 def build_method(cfg: DictConfig) -> Method:
     """Instantiate the class named by ``method._target_`` with the method config."""
     cls = get_class(cfg.method._target_)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from coalora.adapters import LoRALinear, inject
 from coalora.adapters.inject import replace_module
 from coalora.errors import CoaloraError, ConfigError
-from coalora.methods.base import Method
+from coalora.methods.base import Method, settings_from_cfg
 from coalora.methods.lq_table import cached_lq_error_table
 from coalora.methods.quant_base import calibration_fisher
 from coalora.quant import (
@@ -110,12 +110,7 @@ class LQSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> LQSettings:
-        cfg = cfg or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"method.lq has unknown keys {unknown}; allowed: {sorted(known)}")
-        s = cls(**{k: cfg[k] for k in cfg})
+        s = settings_from_cfg(cls, cfg, "method.lq")
         for key in ("iters", "calib_batches", "table_iters"):
             v = getattr(s, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from coalora.adapters import WHTAdapterLinear, inject
 from coalora.adapters.qwha_init import GramCollector, qwha_initialize
 from coalora.errors import ConfigError
-from coalora.methods.base import Method
+from coalora.methods.base import Method, settings_from_cfg
 from coalora.quant import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,7 @@ class QWHAInitSettings:
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> QWHAInitSettings:
-        cfg = cfg or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"method.init has unknown keys {unknown}; allowed: {sorted(known)}")
-        s = cls(**{k: cfg[k] for k in cfg})
+        s = settings_from_cfg(cls, cfg, "method.init")
         for key in ("enabled", "refine"):
             if not isinstance(getattr(s, key), bool):
                 raise ConfigError(f"method.init.{key}={getattr(s, key)!r} must be true or false")
