@@ -70,12 +70,31 @@ class Method:
     # ---------------------------------------------------------------- setup
     def check(self, full_cfg: DictConfig) -> None:
         """Validate the method/quant pairing before anything is built."""
-        mode = full_cfg.quant.mode
+        from coalora.quant.build import quant_mode, quant_space, uniform_config
+
+        q = full_cfg.quant
+        mode = quant_mode(q)
         if self.quant_modes is not None and mode not in self.quant_modes:
             raise ConfigError(
                 f"method={self.name} does not support quant={mode}; "
                 f"allowed quant modes: {list(self.quant_modes)}"
             )
+        # cheap checks of the quant block before any data or model is loaded
+        space = quant_space(q)
+        if mode in ("uniform", "nf4"):
+            uniform_config(q, space)
+        elif mode == "budget":
+            b = q.get("budget")
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ConfigError(f"quant.budget={b!r} must be a number (average bits)")
+            lo, hi = space.min_bits(), space.max_bits()
+            if not lo - 1e-9 <= b <= hi + 1e-9:
+                raise ConfigError(
+                    f"quant.budget={b} is not achievable with quant.space: min achievable "
+                    f"{lo:.4f}, max achievable {hi:.4f} average bits"
+                )
+        elif mode == "file" and not (q.get("file") and Path(q.file).is_file()):
+            raise ConfigError(f"quant.file={q.get('file')!r}: no such configuration file")
 
     def setup(self, model: nn.Module, ctx: SetupContext) -> None:
         self.names = ctx.names or target_names(model, list(ctx.cfg.model.target_modules))

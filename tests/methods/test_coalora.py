@@ -112,3 +112,23 @@ def test_peft_export_round_trip_gives_equal_logits(built, tmp_path, method):
         theirs = theirs_model(**batch).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == cfg.method.rank
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["method=qlora", "quant=budget", "quant.budget=1.5"], "min achievable 2.0322"),
+        (["method=qlora", "quant=budget", "quant.budget=9"], "max achievable 8.6250"),
+        (["method=qlora", "quant=uniform", "quant.config.bits=5"], "allowed: [2, 3, 4, 8]"),
+        (["method=qlora", "quant=file", "quant.file=/nonexistent.json"], "quant.file"),
+        (["method=lora", "quant=nf4"], "allowed quant modes: ['none']"),
+    ],
+)
+def test_quant_block_is_checked_before_anything_loads(tiny_cfg, overrides, needle):
+    from coalora.errors import ConfigError
+    from coalora.methods import build_method
+
+    cfg = tiny_cfg(overrides)
+    with pytest.raises(ConfigError) as e:
+        build_method(cfg).check(cfg)
+    assert needle in str(e.value)
