@@ -87,6 +87,10 @@ def main() -> None:
     init_scores = [o.score_seconds for o in result.observations if o.iteration == 0]
     cand_scores = [o.score_seconds for o in result.observations if o.iteration > 0]
     d = len(names) * 5
+    pool_obs = result.observations[: len(pool)]
+    pool_loss = [o.loss for o in pool_obs]
+    corr = torch.corrcoef(torch.tensor([[o.bits for o in pool_obs], pool_loss]))[0, 1].item()
+    bits_corr = f"Pearson correlation with average bits {corr:+.2f}"
     rows = [
         ("search round (fit + propose + score 5 candidates)", med([r.total_seconds for r in its])),
         ("  GP fit (2 independent SingleTaskGPs)", med([r.fit_seconds for r in its])),
@@ -113,8 +117,17 @@ def main() -> None:
         f"* seconds per search round at ~{n0} observations: **{rows[0][1]:.1f} s** "
         "(target ≤ 30 s)",
         f"* hypervolume {result.hypervolume[0]:.5g} -> {result.hypervolume[-1]:.5g} over "
-        f"{len(its)} rounds; {len(result.selected)} configurations selected", "",
+        f"{len(its)} rounds; {len(result.selected)} configurations selected",
+        f"* loss over the {len(pool)} pool configurations: {min(pool_loss):.4f} to "
+        f"{max(pool_loss):.4f} ({bits_corr})",
     ]  # fmt: skip
+    if not args.ckpt:
+        lines.append(
+            "* with a fresh random head the loss stays near ln 2 = 0.6931 for every "
+            "configuration, so it barely ranks them: search with a trained run "
+            "(`search.py ckpt=<run>`, `CKPT=pool scripts/pipeline.sh`) for a meaningful front"
+        )
+    lines.append("")
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
