@@ -29,6 +29,7 @@ _LAZY = {
     "SearchResult": "coalora.search.loop",
     "Observation": "coalora.search.loop",
     "IterationRecord": "coalora.search.loop",
+    "CalibrationObjective": "coalora.search.objectives",
 }
 
 __all__ = [

@@ -28,6 +28,8 @@ from coalora.quant import ModelQuantConfig, QuantSpace, allocate, fake_quantize
 from coalora.quant.model import model_weights
 from coalora.stages.restore import restore
 
+PEFT_METHODS = ("lora", "qlora", "shared_lora", "coalora")
+
 
 def export_configuration(cfg: DictConfig, run_cfg: DictConfig, lit) -> ModelQuantConfig:
     q = cfg.quant
@@ -140,6 +142,12 @@ def load_quantized_base(model: nn.Module, quant_config: str | Path | ModelQuantC
 
 def run(cfg: DictConfig) -> Path:
     run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir)
+    if lit.method.name not in PEFT_METHODS:
+        raise ConfigError(
+            f"export writes PEFT LoRA adapters; method={lit.method.name} is not supported "
+            f"(supported: {list(PEFT_METHODS)}). QWHA's adapter is a sparse Walsh-Hadamard "
+            "spectrum and LQ-LoRA's base is its own decomposition Q, not quant(W)."
+        )
     config = export_configuration(cfg, run_cfg, lit)
     method = lit.method
     if method.name == "coalora":
