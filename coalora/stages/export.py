@@ -24,14 +24,16 @@ from torch import nn
 from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
-from coalora.quant import ModelQuantConfig, QuantSpace, allocate, fake_quantize
+from coalora.quant import ModelQuantConfig, QuantSpace, fake_quantize
 from coalora.quant.model import model_weights
 from coalora.stages.restore import restore
 
 PEFT_METHODS = ("lora", "qlora", "shared_lora", "coalora")
 
 
-def export_configuration(cfg: DictConfig, run_cfg: DictConfig, lit) -> ModelQuantConfig:
+def export_configuration(
+    cfg: DictConfig, run_cfg: DictConfig, lit, cache_dir: str | None = None
+) -> ModelQuantConfig:
     q = cfg.quant
     method = lit.method
     if q.mode == "file":
@@ -43,14 +45,13 @@ def export_configuration(cfg: DictConfig, run_cfg: DictConfig, lit) -> ModelQuan
     if q.mode == "budget":
         if q.budget is None:
             raise ConfigError("quant=budget needs quant.budget=<average bits>")
-        from coalora.quant.allocation import cached_error_table
+        from coalora.methods.pool import allocations
 
         space = getattr(method, "space", None) or QuantSpace.from_cfg(run_cfg.quant.space)
         weights = model_weights(lit.model, method.names)
-        table = cached_error_table(
-            weights, space, Path(run_cfg.paths.cache_dir), run_cfg.model.name
-        )
-        return allocate(weights, float(q.budget), space, table=table, solver=q.solver)
+        b = float(q.budget)
+        cache = Path(cache_dir) if cache_dir else None
+        return allocations(weights, [b], space, cache, run_cfg.model.name, q.solver)[b]
     raise ConfigError(f"export: quant={q.mode} is not allowed; allowed: ['budget', 'file']")
 
 
@@ -148,7 +149,7 @@ def run(cfg: DictConfig) -> Path:
             f"(supported: {list(PEFT_METHODS)}). QWHA's adapter is a sparse Walsh-Hadamard "
             "spectrum and LQ-LoRA's base is its own decomposition Q, not quant(W)."
         )
-    config = export_configuration(cfg, run_cfg, lit)
+    config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
     method = lit.method
     if method.name == "coalora":
         from coalora.methods.coalora import adapt

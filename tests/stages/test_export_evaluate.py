@@ -1,0 +1,114 @@
+"""A tiny CoA-LoRA run, then ``export.py`` (PEFT adapter) and ``evaluate.py`` on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIX = ROOT / "tests" / "fixtures"
+POOL = ["method.pool.start=3.0", "method.pool.stop=4.2", "method.pool.step=0.4"]
+
+
+def cli(script: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "COALORA_CACHE_DIR": str(cache),
+    }
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+@pytest.fixture(scope="module")
+def coalora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coa")
+    r = cli(
+        "train.py",
+        [
+            "model=tiny_bert",
+            f"paths.data_dir={FIX}",
+            "data.allow_hub=false",
+            "method=coalora",
+            *POOL,
+            "trainer.max_steps=3",
+            "callbacks=minimal",
+            "data.batch_size=8",
+            f"hydra.run.dir={tmp / 'run'}",
+        ],
+        tmp / "cache",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp
+
+
+def test_export_writes_a_peft_adapter(coalora_run):
+    out = coalora_run / "adapter"
+    r = cli(
+        "export.py",
+        [
+            f"ckpt={coalora_run / 'run'}",
+            "quant.budget=3.5",
+            f"out_dir={out}",
+            f"hydra.run.dir={coalora_run / 'export'}",
+        ],
+        coalora_run / "cache",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "quant_config.json",
+    ]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    bits = json.loads((coalora_run / "export" / "export.json").read_text())["avg_bits"]
+    assert bits <= 3.5
+
+
+def test_export_rejects_an_unreachable_budget(coalora_run):
+    r = cli(
+        "export.py",
+        [
+            f"ckpt={coalora_run / 'run'}",
+            "quant.budget=1.0",
+            f"out_dir={coalora_run / 'bad'}",
+            f"hydra.run.dir={coalora_run / 'export_bad'}",
+        ],
+        coalora_run / "cache",
+    )
+    assert r.returncode == 2 and "min achievable" in r.stderr and "Traceback" not in r.stderr
+    assert not (coalora_run / "bad").exists()
+
+
+def test_evaluate_scores_budgets_and_random_neighbours(coalora_run):
+    out = coalora_run / "eval"
+    r = cli(
+        "evaluate.py",
+        [
+            f"ckpt={coalora_run / 'run'}",
+            "eval.budgets=[3.0,4.0]",
+            "eval.random_per_budget=1",
+            f"hydra.run.dir={out}",
+        ],
+        coalora_run / "cache",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {row["budget"] for row in rows} == {3.0, 4.0}
+    assert all(0.0 <= row["acc"] <= 1.0 and row["adapt_ms"] >= 0 for row in rows)
+    assert (out / "metric_vs_bits.png").is_file() and (out / "results.csv").is_file()
