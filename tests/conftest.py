@@ -19,6 +19,14 @@ CONF_DIR = ROOT / "conf"
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
+@pytest.fixture()
+def cli():
+    """``cli(script, args, cache_dir, extra_env=None)`` -> CompletedProcess."""
+    from coalora.testing import run_entry
+
+    return run_entry
+
+
 @pytest.fixture(scope="session")
 def fixture_data_dir() -> Path:
     """A data_dir holding tiny GLUE TSV files (glue/<TASK>/{train,dev}.tsv)."""

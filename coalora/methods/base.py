@@ -79,6 +79,9 @@ class Method:
                 f"method={self.name} does not support quant={mode}; "
                 f"allowed quant modes: {list(self.quant_modes)}"
             )
+        rank = self.cfg.get("rank")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ConfigError(f"method.rank={rank!r} must be a positive integer")
         # cheap checks of the quant block before any data or model is loaded
         space = quant_space(q)
         if mode in ("uniform", "nf4"):

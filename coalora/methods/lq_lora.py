@@ -150,8 +150,6 @@ class LQLoRA(Method):
     def check(self, full_cfg: DictConfig) -> None:
         super().check(full_cfg)
         c = self.cfg
-        if isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 1:
-            raise ConfigError(f"method.rank={c.rank!r} must be a positive integer")
         if not float(c.alpha) > 0:
             raise ConfigError(f"method.alpha={c.alpha!r} must be > 0 (LoRA scaling alpha/rank)")
 

@@ -116,8 +116,6 @@ class QWHA(Method):
     def check(self, full_cfg: DictConfig) -> None:
         super().check(full_cfg)
         c = self.cfg
-        if isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 1:
-            raise ConfigError(f"method.rank={c.rank!r} must be a positive integer")
         if isinstance(c.scaling, bool) or not float(c.scaling) > 0:
             raise ConfigError(f"method.scaling={c.scaling!r} must be a number > 0")
 

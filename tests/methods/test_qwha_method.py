@@ -4,9 +4,6 @@ train, positions survive a checkpoint, clear errors for bad combinations."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from coalora.errors import ConfigError
 from coalora.methods.qwha import FusedWHTAdapterLinear
 from coalora.models import build_model
 from coalora.quant import QuantLinear
+from coalora.testing import run_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIFORM3 = ["quant=uniform", "quant.config.bits=3"]
@@ -127,24 +125,10 @@ def test_bad_combinations_fail_clearly(tiny_cfg, overrides, needle):
 
 
 def test_train_py_fast_run(tmp_path):
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "COALORA_CACHE_DIR": str(tmp_path / "cache"),
-    }
     args = ["model=tiny_bert", f"paths.data_dir={ROOT / 'tests' / 'fixtures'}",
             "data.allow_hub=false", "trainer.max_steps=3", "trainer.val_check_interval=3",
             "callbacks=minimal", "data.batch_size=8", "data.eval_batch_size=16", "method=qwha"]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run_entry("train.py", [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache")
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "qwha" and results["global_step"] == 3

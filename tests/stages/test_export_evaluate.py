@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from coalora.testing import run_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
@@ -16,21 +16,7 @@ POOL = ["method.pool.start=3.0", "method.pool.stop=4.2", "method.pool.step=0.4"]
 
 
 def cli(script: str, args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "COALORA_CACHE_DIR": str(cache),
-    }
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    return run_entry(script, args, cache)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from coalora.testing import run_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -26,29 +26,14 @@ FAST = [
 ]
 
 
-def run_cli(args: list[str], tmp: Path, script: str = "train.py") -> subprocess.CompletedProcess:
-    return run_cli_env([*args], tmp, {}, script)
-
-
 def run_cli_env(args: list[str], tmp: Path, extra_env: dict, script: str = "train.py"):
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "COALORA_CACHE_DIR": str(tmp / "cache"),
-        **extra_env,
-    }
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args = [*args, f"hydra.run.dir={tmp / 'run'}"]
-    return subprocess.run(
-        [sys.executable, script, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_entry(script, args, tmp / "cache", extra_env, timeout=300)
+
+
+def run_cli(args: list[str], tmp: Path, script: str = "train.py") -> subprocess.CompletedProcess:
+    return run_cli_env(args, tmp, {}, script)
 
 
 def test_train_py_fast_run_logs_metrics(tmp_path):
