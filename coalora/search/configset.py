@@ -14,7 +14,6 @@ This module must not import botorch (training reads configsets without the searc
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from coalora.errors import ConfigError
-from coalora.io import atomic_write_text
+from coalora.io import atomic_write_text, compact_json, read_json
 from coalora.quant.config import ModelQuantConfig, QuantConfig, QuantSpace
 
 SCHEMA_VERSION = 1
@@ -68,7 +67,7 @@ class ConfigSet:
         """Validate, then write atomically (temp file in the same folder + rename)."""
         data = self.to_dict()
         _validate(data, where="configset to save")
-        return atomic_write_text(path, _dumps(data) + "\n")
+        return atomic_write_text(path, compact_json(data) + "\n")
 
     @classmethod
     def load(
@@ -79,13 +78,7 @@ class ConfigSet:
     ) -> ConfigSet:
         """Read and validate ``path``; with ``expected_names`` the entries are reordered to it."""
         path = Path(path)
-        text = path.read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"configset {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
-            ) from e
+        data = read_json(path, "configset")
         return cls.from_dict(
             data, expected_names=expected_names, space=space, where=f"configset {path}"
         )
@@ -193,21 +186,6 @@ def make_provenance(
         "command": command if command is not None else " ".join(sys.argv),
         **extra,
     }
-
-
-# ---------------------------------------------------------------- serialisation
-def _dumps(obj: Any, depth: int = 0) -> str:
-    """Indented JSON whose short lists of scalars (per-layer option rows) stay on one line."""
-    pad, inner = " " * depth, " " * (depth + 1)
-    if isinstance(obj, dict) and obj:
-        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, depth + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(obj, list) and obj:
-        flat = json.dumps(obj)
-        if len(flat) <= 60 and not any(isinstance(v, (list, dict)) for v in obj):
-            return flat
-        return "[\n" + ",\n".join(inner + _dumps(v, depth + 1) for v in obj) + "\n" + pad + "]"
-    return json.dumps(obj)
 
 
 # ---------------------------------------------------------------- validation
