@@ -55,20 +55,9 @@ from coalora.quant import (  # noqa: E402
 from coalora.quant.allocation import table_path  # noqa: E402
 
 PATTERNS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-from coalora.report.bench import write_section  # noqa: E402
+from coalora.report.bench import median_time, write_section  # noqa: E402
 
 SECTION = "## Quantization engine"
-
-
-def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def load_minilm():
