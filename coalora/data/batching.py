@@ -186,3 +186,18 @@ class LengthGroupedSampler(SeededShuffleSampler):
             chunk = perm[start : start + self.mega]
             out.extend(sorted(chunk, key=lambda i: -int(self.lengths[i])))
         return iter(out)
+
+
+class LengthSortedSampler(Sampler[int]):
+    """Indices longest first (stable, no randomness): evaluation batches then pad to similar
+    lengths. Accuracy, F1, MCC and correlations do not depend on the order of the examples."""
+
+    def __init__(self, lengths: Sequence[int]):
+        lengths = np.asarray(lengths)
+        self.order = np.argsort(-lengths, kind="stable").tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)

@@ -22,6 +22,7 @@ from coalora.data.batching import (
     EncodedSplit,
     GlueCollator,
     LengthGroupedSampler,
+    LengthSortedSampler,
     SeededShuffleSampler,
     encode_split,
 )
@@ -130,7 +131,8 @@ class GlueDataModule(L.LightningDataModule):
         return self._loader(data, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, None)
+        data = self.val_set
+        return self._loader(data, self.eval_batch_size, LengthSortedSampler(data.lengths))
 
     def test_dataloader(self) -> DataLoader:
         """GLUE hides test labels; the test loop scores the dev split (the usual GLUE-dev protocol)."""

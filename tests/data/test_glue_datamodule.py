@@ -59,7 +59,7 @@ def test_sst2_batches_feed_a_model(task_cfg, word_tokenizer, glue_dir):
     assert [len(b["labels"]) for b in val] == [16, 16]
 
 
-def test_val_loader_is_ordered_and_train_loader_is_seeded(task_cfg, word_tokenizer, glue_dir):
+def test_val_loader_is_length_sorted_and_train_loader_is_seeded(task_cfg, word_tokenizer, glue_dir):
     def first_labels(seed, epoch=0):
         dm = make_dm(task_cfg, word_tokenizer, glue_dir.parent, seed=seed)
         dm.setup("fit")
@@ -72,8 +72,14 @@ def test_val_loader_is_ordered_and_train_loader_is_seeded(task_cfg, word_tokeniz
     c, _ = first_labels(1)
     d, _ = first_labels(0, epoch=1)
     assert a == b and a != c and a != d
-    val_labels = torch.cat([b["labels"] for b in dm.val_dataloader()]).tolist()
-    assert val_labels == [int(x) for x in dm.val_set.labels]
+    # evaluation visits every example once, longest first (stable), and pads little
+    loader = dm.val_dataloader()
+    order = list(loader.sampler)
+    lengths = list(dm.val_set.lengths)
+    assert sorted(order) == list(range(len(dm.val_set)))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    val_labels = torch.cat([b["labels"] for b in loader]).tolist()
+    assert val_labels == [int(dm.val_set.labels[i]) for i in order]
 
 
 def test_pair_task_and_regression_labels(task_cfg, word_tokenizer, glue_dir):
