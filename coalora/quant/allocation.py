@@ -9,7 +9,10 @@ by the Lagrangian / convex-hull greedy of §2.3 (gap ≤ one hull step of one la
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import os
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -53,6 +56,24 @@ def _check_capacity(w: np.ndarray, capacity: float) -> None:
         raise ValueError(f"capacity {capacity} is below the minimum achievable {lo}")
 
 
+@contextlib.contextmanager
+def _quiet_native_stdout():
+    """Send file descriptor 1 to /dev/null for the duration (C/C++ writes bypass ``sys.stdout``)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real fd 1 (embedded interpreters): leave output alone
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve_mckp_milp(
     costs, weights, capacity: float, time_limit: float = 2.0, mip_rel_gap: float = 1e-4
 ) -> np.ndarray:
@@ -88,13 +109,14 @@ def solve_mckp_milp(
     A_w = csr_array(wv[None, :])
     cap = capacity
     for _ in range(3):
-        res = milp(
-            cv / scale * 1000.0,
-            integrality=np.ones(len(rows)),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(A_w, -np.inf, cap), LinearConstraint(A_eq, 1, 1)],
-            options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "disp": False},
-        )
+        with _quiet_native_stdout():  # HiGHS prints debug lines from C++ even with disp=False
+            res = milp(
+                cv / scale * 1000.0,
+                integrality=np.ones(len(rows)),
+                bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(A_w, -np.inf, cap), LinearConstraint(A_eq, 1, 1)],
+                options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "disp": False},
+            )
         if res.x is None:
             raise RuntimeError(f"MILP found no solution: {res.message}")
         choice = np.array([cols[rows == i][np.argmax(res.x[rows == i])] for i in range(len(kept))])
