@@ -2,6 +2,11 @@
 
     python scripts/compare.py runs=<dir>[,<dir>...] [out=<dir>] [wandb=true]
     python scripts/compare.py outputs/multirun/2026-11-22_21-00-00/*  [--out DIR]
+    python scripts/compare.py runs=... aggregate=true curves=true
+
+``aggregate=true`` pools runs that differ only in seed: one row per (method, kind, budget) with the
+mean, the sample standard deviation and the number of seeds (the plot gets error bars).
+``curves=true`` also overlays the runs' smoothed training loss (``train_loss.png``).
 
 A run directory is a training run (``results.json`` from ``train.py``: the trained
 configuration's metric, or ``metric@budget`` for multi-configuration methods) or an evaluation
@@ -20,7 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
 from coalora.io import atomic_write, atomic_write_text  # noqa: E402
+from coalora.report.curves import read_metrics_csv  # noqa: E402
 from coalora.report.plots import plot_metric_vs_bits  # noqa: E402
 
 
@@ -31,9 +43,10 @@ def rows_of(run: Path) -> list[dict]:
             f"error: {run} has no results.json (runs=<run dirs of train.py/evaluate.py>)"
         )
     res = json.loads(path.read_text())
+    seed = res.get("seed")
     if "rows" in res:  # evaluate.py
         return [
-            {"method": res["method"], "run": str(run), "fit_seconds": None, **r}
+            {"method": res["method"], "run": str(run), "fit_seconds": None, "seed": seed, **r}
             for r in res["rows"]
         ]
     method, metrics = res["method"], res["metrics"]
@@ -51,6 +64,7 @@ def rows_of(run: Path) -> list[dict]:
                     "avg_bits": budgets[label],
                     name.split("/")[-1]: value,
                     "fit_seconds": res.get("fit_seconds"),
+                    "seed": seed,
                 }
             )
         elif not label and "avg_bits" in res:
@@ -63,6 +77,7 @@ def rows_of(run: Path) -> list[dict]:
                     "avg_bits": res["avg_bits"],
                     name.split("/")[-1]: value,
                     "fit_seconds": res.get("fit_seconds"),
+                    "seed": seed,
                 }
             )
         elif not label:
@@ -75,6 +90,7 @@ def rows_of(run: Path) -> list[dict]:
                     "avg_bits": 32.0,
                     name.split("/")[-1]: value,
                     "fit_seconds": res.get("fit_seconds"),
+                    "seed": seed,
                 }
             )
     return out
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     for a in argv:
         if a.startswith("runs="):
             runs += [p for p in a[5:].split(",") if p]
-        elif a.startswith(("out=", "wandb=")):
+        elif a.startswith(("out=", "wandb=", "aggregate=", "curves=")):
             rest += ["--" + a.split("=", 1)[0], a.split("=", 1)[1]]
         else:
             rest.append(a)
@@ -94,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--out", default="outputs/compare")
     ap.add_argument("--wandb", default="false")
+    ap.add_argument("--aggregate", default="false", help="pool seeds: mean, std, n per cell")
+    ap.add_argument("--curves", default="false", help="also plot the runs' training loss")
     args = ap.parse_args(rest)
     runs += args.runs
     if not runs:
@@ -105,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in rows if metric in r]
     rows.sort(key=lambda r: (r["method"], r["avg_bits"]))
     out = Path(args.out)
-    cols = ["method", "kind", "budget", "avg_bits", metric, "fit_seconds", "run"]
+    cols = ["method", "kind", "budget", "avg_bits", metric, "fit_seconds", "seed", "run"]
+    if _truthy(args.aggregate):
+        rows = aggregate_seeds(rows, metric)
+        cols = ["method", "kind", "budget", "avg_bits", metric, f"{metric}_std", "n", "seeds"]
+        cols += ["fit_seconds"]
     md = [f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
     for r in rows:
         md.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -126,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     plot_metric_vs_bits(series, out / f"{metric}_vs_bits.png", metric=metric)
     print(table)
     print(f"wrote {out}/comparison.md, comparison.csv, {metric}_vs_bits.png")
-    if args.wandb.lower() in ("1", "true", "yes"):
+    if _truthy(args.curves):
+        path = plot_loss_overlay([Path(r) for r in runs], out / "train_loss.png")
+        print(f"wrote {path}")
+    if _truthy(args.wandb):
         import wandb
 
         run = wandb.init(project="coalora", job_type="compare")
@@ -134,6 +159,71 @@ def main(argv: list[str] | None = None) -> None:
             {"comparison": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
         )
         run.finish()
+
+
+def _truthy(value: str) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def aggregate_seeds(rows: list[dict], metric: str) -> list[dict]:
+    """One row per (method, kind, budget) -- per avg_bits when there is no budget -- holding the
+    mean metric over the rows (seeds), its sample standard deviation, n and the seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cell = r["budget"] if r.get("budget") is not None else round(float(r["avg_bits"]), 2)
+        groups.setdefault((r["method"], r["kind"], cell), []).append(r)
+    out = []
+    for (method, kind, _), grp in groups.items():
+        values = np.array([g[metric] for g in grp], dtype=float)
+        fits = [g["fit_seconds"] for g in grp if g.get("fit_seconds") is not None]
+        out.append(
+            {
+                "method": method,
+                "kind": kind,
+                "budget": grp[0].get("budget"),
+                "avg_bits": float(np.mean([g["avg_bits"] for g in grp])),
+                metric: float(values.mean()),
+                f"{metric}_std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                "n": len(values),
+                "seeds": " ".join(str(g.get("seed")) for g in grp),
+                "fit_seconds": float(np.mean(fits)) if fits else None,
+            }
+        )
+    out.sort(key=lambda r: (r["method"], r["avg_bits"]))
+    return out
+
+
+def run_label(run: Path) -> str:
+    """``method@bits seed`` from a training run's results.json."""
+    res = json.loads((run / "results.json").read_text())
+    bits = res.get("avg_bits")
+    where = f"@{bits:.2f}" if isinstance(bits, (int, float)) else ""
+    return f"{res.get('method', run.name)}{where} s{res.get('seed')}"
+
+
+def plot_loss_overlay(runs: list[Path], path: Path, smooth: float = 0.9) -> Path:
+    """Training loss (EMA-smoothed) of every run that has ``csv/metrics.csv``, on one axis."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        log = run / "csv" / "metrics.csv"
+        if not log.is_file():
+            continue
+        points = read_metrics_csv(log).get("train/loss", [])
+        if not points:
+            continue
+        ema, ys = None, []
+        for _, v in points:
+            ema = v if ema is None else smooth * ema + (1 - smooth) * v
+            ys.append(ema)
+        ax.plot([s for s, _ in points], ys, label=run_label(run), linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"train loss (EMA {smooth})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
 
 
 def _fmt(v) -> str:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from coalora.io import atomic_write  # noqa: E402
 
-SKIP = {"budget", "kind", "avg_bits", "adapt_ms"}
+SKIP = {"budget", "kind", "avg_bits", "adapt_ms", "seed", "fit_seconds", "run", "method"}
 
 
 def plot_metric_vs_bits(
@@ -28,9 +28,18 @@ def plot_metric_vs_bits(
             key=lambda r: r["avg_bits"],
         )
         other = [r for r in rows if r.get("kind", "allocation") != "allocation"]
-        (line,) = ax.plot(
-            [r["avg_bits"] for r in alloc], [r[key] for r in alloc], marker="o", label=f"{name}"
-        )
+        xs, ys = [r["avg_bits"] for r in alloc], [r[key] for r in alloc]
+        (line,) = ax.plot(xs, ys, marker="o", label=f"{name}")
+        errs = [r.get(f"{key}_std") for r in alloc]
+        if any(e is not None for e in errs):  # seed-aggregated rows: ± one standard deviation
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[e or 0.0 for e in errs],
+                fmt="none",
+                ecolor=line.get_color(),
+                capsize=3,
+            )
         if other:
             ax.scatter(
                 [r["avg_bits"] for r in other],

@@ -41,3 +41,41 @@ def test_compare_rejects_a_dir_without_results(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compare.py", f"runs={tmp_path / 'empty'}"])
     with pytest.raises(SystemExit, match="no results.json"):
         runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def test_compare_aggregates_seeds_and_overlays_loss(tmp_path, monkeypatch):
+    runs = []
+    for seed, acc in ((1, 0.80), (2, 0.84), (3, 0.82)):
+        run = write(
+            tmp_path / f"ql{seed}",
+            {"method": "qlora", "avg_bits": 2.5, "seed": seed, "metrics": {"val/acc": acc}},
+        )
+        (run / "csv").mkdir()
+        (run / "csv" / "metrics.csv").write_text(
+            "epoch,step,train/loss,val/acc\n0,9,0.70,\n0,19,0.60,\n0,19,,0.8\n0,29,0.50,\n"
+        )
+        runs.append(run)
+    runs.append(
+        write(tmp_path / "lq", {"method": "lq_lora", "avg_bits": 2.5, "metrics": {"val/acc": 0.7}})
+    )
+    out = tmp_path / "cmp"
+    argv = ["compare.py", f"runs={','.join(map(str, runs))}", f"out={out}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "aggregate=true", "curves=true"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    lines = (out / "comparison.csv").read_text().splitlines()
+    assert lines[0].split(",")[:7] == [
+        "method",
+        "kind",
+        "budget",
+        "avg_bits",
+        "acc",
+        "acc_std",
+        "n",
+    ]
+    qlora = next(line.split(",") for line in lines if line.startswith("qlora"))
+    assert float(qlora[4]) == pytest.approx(0.82) and float(qlora[5]) == pytest.approx(0.02)
+    assert qlora[6] == "3" and qlora[7] == "1 2 3"
+    lq = next(line.split(",") for line in lines if line.startswith("lq_lora"))
+    assert lq[5] == "" and lq[6] == "1"  # one run: no standard deviation
+    assert (out / "train_loss.png").stat().st_size > 1000
+    assert (out / "acc_vs_bits.png").stat().st_size > 1000
