@@ -51,13 +51,32 @@ def random_near(
 
 
 @torch.no_grad()
-def score(lit, loader, task) -> dict[str, float]:
+def score(lit, loader, task, predictions: list | None = None) -> dict[str, float]:
+    """Task metrics over ``loader``; appends (label, prediction) per example to ``predictions``
+    when a list is given (in the loader's order)."""
     metrics = build_metrics(task, prefix="")
     for batch in loader:
         logits = lit.model(**batch).logits
         preds = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
         metrics.update(preds, batch["labels"])
+        if predictions is not None:
+            predictions.extend(zip(batch["labels"].tolist(), preds.tolist(), strict=True))
     return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def write_predictions(path: Path, order: list[int], columns: dict[str, list]) -> None:
+    """``predictions.csv``: dev example index, label, then one prediction column per budget."""
+    names = list(columns)
+    labels = [lab for lab, _ in columns[names[0]]]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["example", "label", *names])
+            for i, idx in enumerate(order):
+                w.writerow([idx, labels[i], *(columns[n][i][1] for n in names)])
+
+    atomic_write(path, write)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -83,6 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     rng = random.Random(cfg.eval.seed)
     rows = []
+    keep = bool(cfg.eval.get("save_predictions", False))
+    predictions: dict[str, list] = {}
     for budget, alloc in allocs.items():
         cands = [("allocation", alloc)]
         for i in range(int(cfg.eval.random_per_budget)):
@@ -93,7 +114,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             method.on_eval_config(lit.model, f"{budget:g}", config)
             adapt_ms = 1000 * (time.perf_counter() - t0)
-            m = score(lit, loader, run_cfg.task)
+            preds = (
+                predictions.setdefault(f"{budget:g}", []) if keep and kind == "allocation" else None
+            )
+            m = score(lit, loader, run_cfg.task, preds)
             rows.append(
                 {
                     "budget": budget,
@@ -115,6 +139,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             w.writerows(rows)
 
     atomic_write(out_dir / "results.csv", write_csv)
+    if predictions:
+        order = list(getattr(loader.sampler, "order", range(len(loader.dataset))))
+        write_predictions(out_dir / "predictions.csv", order, predictions)
     from coalora.report.plots import plot_metric_vs_bits
 
     plot_metric_vs_bits({run_cfg.method.name: rows}, out_dir / "metric_vs_bits.png")

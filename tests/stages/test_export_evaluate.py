@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 from pathlib import Path
@@ -98,3 +99,12 @@ def test_evaluate_scores_budgets_and_random_neighbours(coalora_run):
     assert {row["budget"] for row in rows} == {3.0, 4.0}
     assert all(0.0 <= row["acc"] <= 1.0 and row["adapt_ms"] >= 0 for row in rows)
     assert (out / "metric_vs_bits.png").is_file() and (out / "results.csv").is_file()
+    # per-example predictions at each allocation, every dev example once, consistent with acc
+    with open(out / "predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    assert list(preds[0]) == ["example", "label", "3", "4"]
+    assert sorted(int(p["example"]) for p in preds) == list(range(len(preds)))
+    alloc = {row["budget"]: row["acc"] for row in rows if row["kind"] == "allocation"}
+    for budget, key in ((3.0, "3"), (4.0, "4")):
+        correct = sum(p[key] == p["label"] for p in preds) / len(preds)
+        assert correct == pytest.approx(alloc[budget])
