@@ -1,10 +1,22 @@
-"""``python export.py ckpt=<run> quant.budget=3.0``: a PEFT-format LoRA adapter for one
-configuration, plus ``quant_config.json`` for the base and a model card.
+"""``python export.py ckpt=<run> quant.budget=3.0``: the trained run for one configuration.
 
-For CoA-LoRA the adapter is the zero-cost adaptation B' = B (I + γU(c)) (``coalora.adapt``); for
-the other LoRA methods it is the trained LoRA as is. The output directory is written to a temporary
-sibling and renamed, so an interrupted export leaves nothing half-written. Load it with
-:func:`load_quantized_base` + ``peft.PeftModel.from_pretrained``.
+Two formats (``format=``):
+
+* ``peft`` (LoRA-family methods): a PEFT LoRA adapter + ``quant_config.json`` for the base + a
+  model card. For CoA-LoRA the adapter is the zero-cost adaptation B' = B (I + γU(c))
+  (``coalora.adapt``); for the other LoRA methods it is the trained LoRA as is. Load it with
+  :func:`load_quantized_base` + ``peft.PeftModel.from_pretrained``.
+* ``merged`` (every method; the only one for QWHA, whose adapter is a sparse Walsh–Hadamard
+  spectrum, and LQ-LoRA, whose base is its own decomposition Q): a plain ``transformers``
+  checkpoint whose target linears hold the effective weights deq(Q(c)) + ΔW, read off each adapted
+  layer as an affine map (f(I) − f(0)). ``AutoModelForSequenceClassification.from_pretrained``
+  loads it with no coalora code; it reproduces the adapted model's logits in full precision
+  (re-quantize it to deploy at the configuration's memory).
+
+Methods trained on one configuration (QLoRA, LQ-LoRA, QWHA) export that configuration; a different
+``quant.budget``/``quant.file`` is an error. Multi-configuration methods (CoA-LoRA, Shared-LoRA)
+need one. The output directory is written to a temporary sibling and renamed, so an interrupted
+export leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,16 +38,19 @@ from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
 from coalora.quant import ModelQuantConfig, QuantSpace, fake_quantize
 from coalora.quant.model import model_weights
-from coalora.stages.restore import restore
+from coalora.stages.restore import resolve_checkpoint, restore
 
 PEFT_METHODS = ("lora", "qlora", "shared_lora", "coalora")
+FORMATS = ("auto", "peft", "merged")
 
 
 def export_configuration(
     cfg: DictConfig, run_cfg: DictConfig, lit, cache_dir: str | None = None
-) -> ModelQuantConfig:
+) -> ModelQuantConfig | None:
     q = cfg.quant
     method = lit.method
+    if not hasattr(method, "apply"):  # trained on one configuration: that is what it serves
+        return _trained_configuration(q, method)
     if q.mode == "file":
         if not q.file:
             raise ConfigError("quant=file needs quant.file=<configuration json>")
@@ -53,6 +68,76 @@ def export_configuration(
         cache = Path(cache_dir) if cache_dir else None
         return allocations(weights, [b], space, cache, run_cfg.model.name, q.solver)[b]
     raise ConfigError(f"export: quant={q.mode} is not allowed; allowed: ['budget', 'file']")
+
+
+def _trained_configuration(q: DictConfig, method) -> ModelQuantConfig | None:
+    trained = method.config
+    bits = "full precision" if trained is None else f"{trained.average_bits():.4f} bits"
+    hint = (
+        f"method={method.name} was trained on one configuration ({bits}) and exports only that; "
+        "drop quant.budget / quant.file"
+    )
+    if q.mode == "file" and q.get("file"):
+        asked = ModelQuantConfig.from_json(q.file)
+        if trained is None or asked.to_dict() != trained.to_dict():
+            raise ConfigError(f"quant.file={q.file} is not the trained configuration: {hint}")
+    elif q.mode == "budget" and q.get("budget") is not None:
+        if trained is None or abs(float(q.budget) - trained.average_bits()) > 0.05:
+            raise ConfigError(f"quant.budget={q.budget} does not match the run: {hint}")
+    elif q.mode not in ("budget", "file"):
+        raise ConfigError(f"export: quant={q.mode} is not allowed; allowed: ['budget', 'file']")
+    return trained
+
+
+@torch.no_grad()
+def effective_linear(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of a module that is affine in its input -- a quantized base plus any adapter, in
+    eval mode: b = f(0), W = (f(I) − f(0))ᵀ, so f(x) = x Wᵀ + b exactly up to float rounding."""
+    zero = module(torch.zeros(1, in_features))
+    eye = module(torch.eye(in_features))
+    return (eye - zero).T.contiguous(), zero[0].clone()
+
+
+def merged_model(lit, run_cfg: DictConfig) -> nn.Module:
+    """A fresh ``transformers`` model whose target linears hold the adapted model's effective
+    weights and whose other parameters (head included) are copied from it."""
+    from coalora.models import build_model
+
+    lit.model.eval()
+    fresh = build_model(run_cfg.model, num_labels=run_cfg.task.num_labels, seed=run_cfg.seed)
+    source = lit.model.state_dict()
+    target = fresh.state_dict()
+    with torch.no_grad():
+        for key, value in target.items():
+            if key in source and source[key].shape == value.shape:
+                value.copy_(source[key].to(value.dtype))
+        for name in lit.method.names:
+            linear = fresh.get_submodule(name)
+            weight, bias = effective_linear(lit.model.get_submodule(name), linear.in_features)
+            if not torch.isfinite(weight).all():
+                raise RuntimeError(f"export: non-finite effective weight for {name}")
+            linear.weight.copy_(weight)
+            if linear.bias is not None:
+                linear.bias.copy_(bias)
+    return fresh.eval()
+
+
+def merged_card(run_cfg: DictConfig, config: ModelQuantConfig | None, source: str) -> str:
+    base = (
+        "a full-precision base"
+        if config is None
+        else f"{source}, {config.average_bits():.4f} average bits (`quant_config.json`)"
+    )
+    return (
+        f"# coalora merged model: {run_cfg.method.name} on {run_cfg.model.name} / "
+        f"{run_cfg.task.name}\n\n"
+        f"* configuration: {base}\n"
+        "* weights: each target linear holds deq(Q) + ΔW, the adapted layer as trained, in full\n"
+        "  precision; every other parameter (head included) as trained\n\n"
+        "Load with `transformers.AutoModelForSequenceClassification.from_pretrained(<this folder>)`;\n"
+        "it gives the adapted model's logits. To serve it at the configuration's memory, quantize\n"
+        "the target linears again (e.g. with `quant_config.json`).\n"
+    )
 
 
 def peft_state(model: nn.Module, names: list[str], head: list[str]) -> dict[str, torch.Tensor]:
@@ -111,7 +196,11 @@ def write_export(out_dir: Path, files: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for name, content in files.items():
-            if name.endswith(".safetensors"):
+            if isinstance(content, nn.Module):  # a transformers model: its own writer
+                content.save_pretrained(str(tmp), safe_serialization=True)
+            elif hasattr(content, "save_pretrained"):  # a tokenizer
+                content.save_pretrained(str(tmp))
+            elif name.endswith(".safetensors"):
                 save_file(content, str(tmp / name), metadata={"format": "pt"})
             elif isinstance(content, str):
                 (tmp / name).write_text(content)
@@ -141,14 +230,25 @@ def load_quantized_base(model: nn.Module, quant_config: str | Path | ModelQuantC
     return model
 
 
-def run(cfg: DictConfig) -> Path:
-    run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir)
-    if lit.method.name not in PEFT_METHODS:
+def export_format(requested: str, method_name: str) -> str:
+    if requested not in FORMATS:
+        raise ConfigError(f"format={requested!r} is not allowed; allowed: {list(FORMATS)}")
+    if requested == "auto":
+        return "peft" if method_name in PEFT_METHODS else "merged"
+    if requested == "peft" and method_name not in PEFT_METHODS:
         raise ConfigError(
-            f"export writes PEFT LoRA adapters; method={lit.method.name} is not supported "
-            f"(supported: {list(PEFT_METHODS)}). QWHA's adapter is a sparse Walsh-Hadamard "
-            "spectrum and LQ-LoRA's base is its own decomposition Q, not quant(W)."
+            f"format=peft writes LoRA adapters; method={method_name} is not a LoRA method "
+            f"(peft supports {list(PEFT_METHODS)}): QWHA's adapter is a sparse Walsh-Hadamard "
+            "spectrum and LQ-LoRA's base is its own decomposition Q, not quant(W). "
+            "Use format=merged (allowed formats: ['auto', 'peft', 'merged'])"
         )
+    return requested
+
+
+def run(cfg: DictConfig) -> Path:
+    run_cfg = OmegaConf.load(resolve_checkpoint(cfg.ckpt)[0] / "config.yaml")
+    fmt = export_format(str(cfg.get("format", "auto")), str(run_cfg.method.name))
+    run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir)
     config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
     method = lit.method
     if method.name == "coalora":
@@ -157,20 +257,49 @@ def run(cfg: DictConfig) -> Path:
         adapt(lit, config)
     elif hasattr(method, "apply"):
         method.apply(lit.model, config)
-    source = f"budget {cfg.quant.budget}" if cfg.quant.mode == "budget" else str(cfg.quant.file)
-    head = list(run_cfg.model.get("head_modules", ["classifier", "score"]))
-    head = [h for h in head if any(n.split(".")[-1] == h for n, _ in lit.model.named_modules())]
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.paths.output_dir) / "adapter"
-    files = {
-        "adapter_config.json": adapter_config(run_cfg, method.names, head),
-        "adapter_model.safetensors": peft_state(lit.model, method.names, head),
-        "quant_config.json": config.to_dict(),
-        "README.md": model_card(run_cfg, config, source),
-    }
+    if not hasattr(method, "apply"):
+        source = "the trained configuration"
+    elif cfg.quant.mode == "budget":
+        source = f"budget {cfg.quant.budget}"
+    else:
+        source = str(cfg.quant.file)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.paths.output_dir) / fmt_dir(fmt)
+    files: dict[str, Any] = {}
+    if fmt == "peft":
+        if config is None:
+            raise ConfigError(
+                f"format=peft needs a quantized base; method={method.name} ran on "
+                f"quant={run_cfg.quant.mode}: use format=merged"
+            )
+        head = list(run_cfg.model.get("head_modules", ["classifier", "score"]))
+        head = [h for h in head if any(n.split(".")[-1] == h for n, _ in lit.model.named_modules())]
+        files["adapter_config.json"] = adapter_config(run_cfg, method.names, head)
+        files["adapter_model.safetensors"] = peft_state(lit.model, method.names, head)
+        files["README.md"] = model_card(run_cfg, config, source)
+    else:
+        from coalora.models import build_tokenizer
+
+        files["model"] = merged_model(lit, run_cfg)
+        files["tokenizer"] = build_tokenizer(run_cfg.model)
+        files["README.md"] = merged_card(run_cfg, config, source)
+    if config is not None:
+        files["quant_config.json"] = config.to_dict()
     write_export(out_dir, files)
+    bits = None if config is None else config.average_bits()
     atomic_write_json(
         Path(cfg.paths.output_dir) / "export.json",
-        {"adapter_dir": str(out_dir), "avg_bits": config.average_bits(), "ckpt": str(cfg.ckpt)},
+        {
+            "format": fmt,
+            "adapter_dir" if fmt == "peft" else "model_dir": str(out_dir),
+            "avg_bits": bits,
+            "ckpt": str(cfg.ckpt),
+        },
     )
-    print(f"exported {method.name} adapter at {config.average_bits():.4f} bits to {out_dir}")
+    where = "full precision" if bits is None else f"{bits:.4f} bits"
+    what = "adapter" if fmt == "peft" else "merged model"
+    print(f"exported {method.name} {what} at {where} to {out_dir}")
     return out_dir
+
+
+def fmt_dir(fmt: str) -> str:
+    return "adapter" if fmt == "peft" else "merged"

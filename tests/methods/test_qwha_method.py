@@ -134,3 +134,21 @@ def test_train_py_fast_run(tmp_path):
     assert results["method"] == "qwha" and results["global_step"] == 3
     assert results["qwha"]["err_init_total"] < results["qwha"]["err_zero_total"]
     assert 0.0 <= results["metrics"]["val/acc"] <= 1.0
+    # export: QWHA is not a LoRA, so `auto` writes a merged transformers checkpoint
+    ckpt = f"ckpt={tmp_path / 'run'}"
+    bad = run_entry("export.py", [ckpt, "format=peft", f"hydra.run.dir={tmp_path / 'e1'}"],
+                    tmp_path / "cache")  # fmt: skip
+    assert bad.returncode == 2 and "format=merged" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = run_entry("export.py", [ckpt, "quant.budget=4.0", f"hydra.run.dir={tmp_path / 'e2'}"],
+                      tmp_path / "cache")  # fmt: skip
+    assert wrong.returncode == 2 and "trained on one configuration" in wrong.stderr
+    out = tmp_path / "merged"
+    r = run_entry("export.py", [ckpt, f"out_dir={out}", f"hydra.run.dir={tmp_path / 'e3'}"],
+                  tmp_path / "cache")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "model.safetensors", "quant_config.json", "README.md"} <= set(files)
+    info = json.loads((tmp_path / "e3" / "export.json").read_text())
+    assert info["format"] == "merged" and info["avg_bits"] == pytest.approx(
+        4.127, abs=0.01
+    )  # NF4 + DQ

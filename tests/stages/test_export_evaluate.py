@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import runpy
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,18 @@ def test_evaluate_scores_budgets_and_random_neighbours(coalora_run):
     for budget, key in ((3.0, "3"), (4.0, "4")):
         correct = sum(p[key] == p["label"] for p in preds) / len(preds)
         assert correct == pytest.approx(alloc[budget])
+
+
+def test_mapper_stats_reports_a_near_identity_mixing_after_three_steps(coalora_run, monkeypatch):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "mapper_stats.py"
+    out = coalora_run / "mapper.md"
+    argv = [str(script), str(coalora_run / "run"), "--budgets", "3.0", "4.0"]
+    argv += ["--cache-dir", str(coalora_run / "cache"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+    per_budget = {r[0].strip(): float(r[1]) for r in rows if r[0].strip() in ("3", "4")}
+    assert set(per_budget) == {"3", "4"}
+    # the mapper's last layer starts near zero (init_std 1e-3): I + γU is close to I
+    assert all(0.0 <= v < 0.05 for v in per_budget.values())
+    assert any("3 vs 4" in r[0] for r in rows)
