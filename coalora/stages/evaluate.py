@@ -92,21 +92,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     space = getattr(method, "space", None) or QuantSpace.from_cfg(run_cfg.quant.space)
     from coalora.methods.pool import allocations
 
-    weights = model_weights(lit.model, method.names)
-    allocs = allocations(
-        weights,
-        [float(b) for b in cfg.eval.budgets],
-        space,
-        Path(cfg.paths.cache_dir),
-        run_cfg.model.name,
-    )
+    fixed = not hasattr(method, "apply")  # QLoRA, LQ-LoRA, QWHA, LoRA: one configuration
+    if fixed:
+        trained = method.config
+        bits = 32.0 if trained is None else round(trained.average_bits(), 4)
+        log.info("method=%s serves only its trained configuration (%g bits)", method.name, bits)
+        allocs = {bits: trained}
+    else:
+        weights = model_weights(lit.model, method.names)
+        allocs = allocations(
+            weights,
+            [float(b) for b in cfg.eval.budgets],
+            space,
+            Path(cfg.paths.cache_dir),
+            run_cfg.model.name,
+        )
     rng = random.Random(cfg.eval.seed)
     rows = []
     keep = bool(cfg.eval.get("save_predictions", False))
     predictions: dict[str, list] = {}
     for budget, alloc in allocs.items():
         cands = [("allocation", alloc)]
-        for i in range(int(cfg.eval.random_per_budget)):
+        for i in range(0 if fixed else int(cfg.eval.random_per_budget)):
             r = random_near(alloc, space, budget, float(cfg.eval.random_tolerance), rng)
             if r is not None:
                 cands.append((f"random{i}", r))
@@ -122,12 +129,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 {
                     "budget": budget,
                     "kind": kind,
-                    "avg_bits": config.average_bits(),
+                    "avg_bits": budget if config is None else config.average_bits(),
                     "adapt_ms": round(adapt_ms, 2),
                     **m,
                 }
             )
-            log.info("budget %.2f %s (%.3f bits): %s", budget, kind, config.average_bits(), m)
+            log.info("budget %.2f %s (%.3f bits): %s", budget, kind, rows[-1]["avg_bits"], m)
     results = {"ckpt": str(cfg.ckpt), "method": run_cfg.method.name, "rows": rows}
     atomic_write_json(out_dir / "results.json", results)
     keys = list(rows[0].keys()) if rows else []
