@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     md = [f"| {' | '.join(cols)} |", "|" + "---|" * len(cols)]
     for r in rows:
         md.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    table = "\n".join(md) + "\n"
+    table = "\n".join(md) + "\n" + hypervolume_lines(rows, metric)
     atomic_write_text(out / "comparison.md", table)
 
     def write_csv(tmp: str) -> None:
@@ -159,6 +159,32 @@ def main(argv: list[str] | None = None) -> None:
             {"comparison": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
         )
         run.finish()
+
+
+LOWER_IS_BETTER = {"loss", "mse"}
+
+
+def hypervolume_lines(rows: list[dict], metric: str) -> str:
+    """Per method, the area its (average bits, error) points dominate -- error = 1 − metric --
+    up to a common reference (largest quantized average bits + 0.25, error 1). One number that
+    rewards accuracy at every budget and accuracy at fewer bits; larger is better."""
+    if metric in LOWER_IS_BETTER:
+        return ""
+    pts = [r for r in rows if r["avg_bits"] < 16]
+    if not pts:
+        return ""
+    from coalora.search.pareto import hypervolume_2d
+
+    ref = (max(r["avg_bits"] for r in pts) + 0.25, 1.0)
+    lines = [
+        "",
+        f"Hypervolume of (average bits, 1 − {metric}), reference {ref[0]:.2f} bits / 1.0:",
+        "",
+    ]
+    for method in sorted({r["method"] for r in pts}):
+        mine = [(r["avg_bits"], 1.0 - r[metric]) for r in pts if r["method"] == method]
+        lines.append(f"* {method}: {hypervolume_2d(mine, ref):.4f} ({len(mine)} points)")
+    return "\n".join(lines) + "\n"
 
 
 def _truthy(value: str) -> bool:

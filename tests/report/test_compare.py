@@ -33,6 +33,9 @@ def test_compare_builds_table_and_plot(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(SCRIPT), run_name="__main__")
     table = (out / "comparison.md").read_text()
     assert "coalora" in table and "qlora" in table and "0.8500" in table
+    # hypervolume of (bits, 1 - acc) with reference (3.24, 1.0): coalora's staircase area
+    coa_hv = (3.24 - 2.49) * (1 - 0.20) + (3.24 - 2.99) * (0.20 - 0.15)
+    assert f"* coalora: {coa_hv:.4f} (2 points)" in table
     assert (out / "acc_vs_bits.png").stat().st_size > 1000
 
 
