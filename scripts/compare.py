@@ -7,6 +7,7 @@
 ``aggregate=true`` pools runs that differ only in seed: one row per (method, kind, budget) with the
 mean, the sample standard deviation and the number of seeds (the plot gets error bars).
 ``curves=true`` also overlays the runs' smoothed training loss (``train_loss.png``).
+``labels=run`` names series by run directory (two runs of one method, e.g. pool vs searched set).
 
 A run directory is a training run (``results.json`` from ``train.py``: the trained
 configuration's metric, or ``metric@budget`` for multi-configuration methods) or an evaluation
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     for a in argv:
         if a.startswith("runs="):
             runs += [p for p in a[5:].split(",") if p]
-        elif a.startswith(("out=", "wandb=", "aggregate=", "curves=")):
+        elif a.startswith(("out=", "wandb=", "aggregate=", "curves=", "labels=")):
             rest += ["--" + a.split("=", 1)[0], a.split("=", 1)[1]]
         else:
             rest.append(a)
@@ -112,11 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wandb", default="false")
     ap.add_argument("--aggregate", default="false", help="pool seeds: mean, std, n per cell")
     ap.add_argument("--curves", default="false", help="also plot the runs' training loss")
+    ap.add_argument(
+        "--labels", default="method", choices=["method", "run"],
+        help="series names: the method, or the run directory's name (same method, other data)",
+    )  # fmt: skip
     args = ap.parse_args(rest)
     runs += args.runs
     if not runs:
         raise SystemExit("error: no runs given (runs=<dir>[,<dir>...])")
     rows = [r for run in runs for r in rows_of(Path(run))]
+    if args.labels == "run":
+        for r in rows:
+            r["method"] = f"{r['method']} ({Path(r['run']).name})"
     metric = next((k for k in ("acc", "mcc", "f1", "pearson") if any(k in r for r in rows)), None)
     if metric is None:
         raise SystemExit("error: no task metric found in the runs' results")
