@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(f"wrote {out}/comparison.md, comparison.csv, {metric}_vs_bits.png")
     if _truthy(args.curves):
-        path = plot_loss_overlay([Path(r) for r in runs], out / "train_loss.png")
+        path = plot_loss_overlay(
+            [Path(r) for r in runs], out / "train_loss.png", by_run=args.labels == "run"
+        )
         print(f"wrote {path}")
     if _truthy(args.wandb):
         import wandb
@@ -227,15 +229,19 @@ def aggregate_seeds(rows: list[dict], metric: str) -> list[dict]:
     return out
 
 
-def run_label(run: Path) -> str:
-    """``method@bits seed`` from a training run's results.json."""
+def run_label(run: Path, by_run: bool = False) -> str:
+    """``method@bits seed`` from a training run's results.json (or the run's directory name)."""
+    if by_run:
+        return run.name
     res = json.loads((run / "results.json").read_text())
     bits = res.get("avg_bits")
     where = f"@{bits:.2f}" if isinstance(bits, (int, float)) else ""
     return f"{res.get('method', run.name)}{where} s{res.get('seed')}"
 
 
-def plot_loss_overlay(runs: list[Path], path: Path, smooth: float = 0.9) -> Path:
+def plot_loss_overlay(
+    runs: list[Path], path: Path, smooth: float = 0.9, by_run: bool = False
+) -> Path:
     """Training loss (EMA-smoothed) of every run that has ``csv/metrics.csv``, on one axis."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in runs:
@@ -249,7 +255,7 @@ def plot_loss_overlay(runs: list[Path], path: Path, smooth: float = 0.9) -> Path
         for _, v in points:
             ema = v if ema is None else smooth * ema + (1 - smooth) * v
             ys.append(ema)
-        ax.plot([s for s, _ in points], ys, label=run_label(run), linewidth=1)
+        ax.plot([s for s, _ in points], ys, label=run_label(run, by_run), linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss (EMA {smooth})")
     ax.grid(alpha=0.3)
