@@ -242,24 +242,37 @@ def run_label(run: Path, by_run: bool = False) -> str:
 def plot_loss_overlay(
     runs: list[Path], path: Path, smooth: float = 0.9, by_run: bool = False
 ) -> Path:
-    """Training loss (EMA-smoothed) of every run that has ``csv/metrics.csv``, on one axis."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        log = run / "csv" / "metrics.csv"
-        if not log.is_file():
-            continue
-        points = read_metrics_csv(log).get("train/loss", [])
+    """Training loss (EMA-smoothed) of every run that has ``csv/metrics.csv``, on one axis; next
+    to it the primary validation metric against the step when the runs logged it more than once."""
+    logs = {run: read_metrics_csv(run / "csv" / "metrics.csv") for run in runs
+            if (run / "csv" / "metrics.csv").is_file()}  # fmt: skip
+    val_key = next(
+        (k for series in logs.values() for k in series
+         if k.startswith("val/") and "@" not in k and len(series[k]) > 1),
+        None,
+    )  # fmt: skip
+    fig, axes = plt.subplots(1, 2 if val_key else 1, figsize=(12 if val_key else 7, 4))
+    ax = axes[0] if val_key else axes
+    for run, series in logs.items():
+        points = series.get("train/loss", [])
         if not points:
             continue
         ema, ys = None, []
         for _, v in points:
             ema = v if ema is None else smooth * ema + (1 - smooth) * v
             ys.append(ema)
-        ax.plot([s for s, _ in points], ys, label=run_label(run, by_run), linewidth=1)
+        (line,) = ax.plot([s for s, _ in points], ys, label=run_label(run, by_run), linewidth=1)
+        if val_key and series.get(val_key):
+            steps, vals = zip(*series[val_key], strict=True)
+            axes[1].plot(steps, vals, marker="o", markersize=3, color=line.get_color(), linewidth=1)
     ax.set_xlabel("step")
     ax.set_ylabel(f"train loss (EMA {smooth})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if val_key:
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel(val_key)
+        axes[1].grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
