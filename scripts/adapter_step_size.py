@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coalora.io import atomic_write_text  # noqa: E402
+from coalora.report.bench import emit_markdown  # noqa: E402
 
 METHODS = ("qlora", "lq_lora", "qwha")
 
@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> str:
                 f"| {name} | {lr:g} | {a} | {b} | {mean[2]:.4f} | {mean[3]:.4f} | {total:.4f} |"
             )
             print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        atomic_write_text(Path(args.out), table)
-    return table
+    return emit_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

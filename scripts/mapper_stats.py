@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coalora.io import atomic_write_text  # noqa: E402
+from coalora.report.bench import emit_markdown  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> str:
                 ]
             )
             lines.append(f"| {b1:g} vs {b2:g} | {d.mean():.4f} | {d.max():.4f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        atomic_write_text(Path(args.out), table)
-    return table
+    return emit_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from scipy.stats import binomtest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coalora.io import atomic_write_text  # noqa: E402
+from coalora.report.bench import emit_markdown  # noqa: E402
 
 
 def load(run: Path) -> tuple[str, dict[str, dict[int, bool]]]:
@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> str:
                 f"| {s['only_b']} | {s['only_a']} | {s['p_mcnemar']:.3f} "
                 f"| [{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] |"
             )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        atomic_write_text(Path(args.out), table)
-    return table
+    return emit_markdown(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,12 @@ def write_section(path: str | Path, title: str, body: str) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
     atomic_write_text(path, text.rstrip("\n") + "\n")
+
+
+def emit_markdown(lines: list[str], out: str | Path | None = None) -> str:
+    """Join ``lines`` into a markdown block, print it, and write it atomically to ``out`` if given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        atomic_write_text(Path(out), text)
+    return text
