@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from coalora.report.bench import emit_markdown  # noqa: E402
 
@@ -41,10 +42,9 @@ def step_sizes(
     lr: float | None,
     extra: list[str] = (),
 ):
-    from coalora.adapters import LoRALinear, WHTAdapterLinear, adapter_modules
-
-    sys.path.insert(0, str(ROOT / "scripts"))
     from bench_baselines import build  # the same construction as the step-0 benchmark
+
+    from coalora.adapters import LoRALinear, WHTAdapterLinear, adapter_modules
 
     overrides = [f"method={method_name}", "quant=budget", f"quant.budget={budget}", *extra]
     dm, model, method, _ = build(overrides, cache_dir, out_dir)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> str:
         cache = args.cache_dir or Path(tmp) / "cache"
         for name in args.methods:
             lr, t = step_sizes(name, args.budget, cache, Path(tmp) / name, args.lr, args.overrides)
-            mean = t.nanmean(0) if hasattr(t, "nanmean") else t.mean(0)
+            mean = t.nanmean(0)
             total = float(t[:, 3].pow(2).sum().sqrt())
             a = "—" if torch.isnan(mean[0]) else f"{mean[0]:.3f}"
             b = "—" if torch.isnan(mean[1]) else f"{mean[1]:.3f}"

@@ -262,18 +262,14 @@ def main() -> None:
 
 
 def write_trained_head_section(args, rows: list[dict], fp: dict, n_dev: int) -> None:
-    cmd = " ".join(sys.argv[1:])
-    machine = subprocess.run(["uname", "-srm"], capture_output=True, text=True).stdout.strip()
+    from coalora.report.bench import header_lines
+
+    command = (
+        f"COALORA_DATA_DIR=/work/shared/data OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} "
+        f"python scripts/bench_baselines.py {' '.join(sys.argv[1:])}"
+    )
     lines = [
-        SECTION_TRAINED,
-        "",
-        f"Measured {datetime.datetime.now().astimezone().isoformat(timespec='seconds')} with",
-        f"`COALORA_DATA_DIR=/work/shared/data OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} "
-        f"python scripts/bench_baselines.py {cmd}`",
-        "",
-        f"Machine: `{machine}`, nproc {os.cpu_count()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} thread), Python {platform.python_version()}; shared with other jobs.",
-        "",
+        *header_lines(SECTION_TRAINED[3:], command),
         f"Start: the full-precision LoRA run `{args.from_ckpt}` with its LoRA merged into W and its "
         f"trained head (full precision: dev acc **{fp['acc']:.4f}**, loss {fp['loss']:.4f}; "
         f"{n_dev} sentences). Each method quantizes the merged W' with its own initialisation; "
