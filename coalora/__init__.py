@@ -9,11 +9,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def adapt(model, configuration):
-    """Switch ``model`` to ``configuration`` and fold the configuration-aware adjustment.
+def adapt(holder, configuration):
+    """Put a trained run into ``configuration``: switch the quantized base and fold any
+    configuration-aware adjustment (CoA-LoRA: one mapper call + B' = B (I + γU), milliseconds).
 
-    Zero-cost adaptation of a CoA-LoRA model (DESIGN §4); see :func:`coalora.methods.coalora.adapt`.
+    ``holder`` is the LightningModule returned by :func:`coalora.stages.restore.restore` (anything
+    with ``.model`` and ``.method``). Returns the adapted transformers model. A method trained on
+    one configuration accepts only that configuration.
     """
-    from coalora.methods.coalora import adapt as _adapt
-
-    return _adapt(model, configuration)
+    return holder.method.adapt(holder.model, configuration)

@@ -22,7 +22,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 @pytest.fixture()
 def cli():
     """``cli(script, args, cache_dir, extra_env=None)`` -> CompletedProcess."""
-    from coalora.testing import run_entry
+    from support import run_entry
 
     return run_entry
 

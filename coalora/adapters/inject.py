@@ -6,15 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-
-def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, child = get_submodule_parent(model, name)
-    setattr(parent, child, new)
+from coalora.quant.model import replace_module
 
 
 def inject(

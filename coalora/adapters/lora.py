@@ -1,29 +1,36 @@
-"""LoRA (Hu et al. 2021) wrapping a frozen base linear, with an optional r x r mixing matrix.
+"""LoRA (Hu et al., arXiv 2106.09685) wrapping a frozen base linear, with an optional r x r mixing.
 
-``y = base(x) + s * ((drop(x) A^T) M^T) B^T`` with ``s = alpha / r``; ``M = I`` for plain LoRA and
-``M = I + gamma * U(c)`` for CoA-LoRA (arXiv 2509.25214, Eq. for the configuration-aware adapter).
+``y = base(x) + s * ((drop(x) Aᵀ) Mᵀ) Bᵀ`` with ``s = alpha / r``; ``M = I`` for plain LoRA and
+``M = I + γ U(c)`` for CoA-LoRA (arXiv 2509.25214, §3: ΔW_l = s · B_l (I + γ U(c_l)) A_l).
 B starts at zero, so a fresh adapter reproduces the base output exactly.
+
+The layer owns its mixing state. :meth:`mixing` applies M inside a ``with`` block (training and
+evaluation of one configuration; the autograd graph keeps M, so the backward may run after the
+block). :meth:`fold` stores ``B' = B M`` for one configuration (the zero-cost adaptation that is
+exported as a plain LoRA) until :meth:`unfold`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
+from coalora.adapters.base import AdapterLayer
+from coalora.errors import ConfigError
 
-class LoRALinear(nn.Module):
+
+class LoRALinear(AdapterLayer):
     """``base_layer`` (frozen ``nn.Linear``/``QuantLinear``/bnb ``Linear4bit``) plus a LoRA delta."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__()
-        if r <= 0:
-            raise ValueError(f"method.rank must be a positive integer, got {r}")
-        self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        super().__init__(base_layer)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ConfigError(f"method.rank={r!r} must be a positive integer")
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / r
@@ -31,30 +38,53 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.mix: torch.Tensor | None = None  # (r, r), set per configuration by CoA-LoRA
-        # (d_out, r): B M folded for one configuration (zero-cost adaptation); overrides B and mix
-        self.folded_B: torch.Tensor | None = None
+        self._mix: Tensor | None = None  # (r, r) inside a mixing() block
+        self._folded_B: Tensor | None = None  # (d_out, r) = B M after fold()
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    # ---------------------------------------------------------------- mixing (CoA-LoRA)
+    @contextmanager
+    def mixing(self, mix: Tensor) -> Iterator[None]:
+        """Apply the (r, r) matrix ``mix`` to the delta inside the block."""
+        if tuple(mix.shape) != (self.r, self.r):
+            raise ValueError(f"mixing matrix must be ({self.r}, {self.r}), got {tuple(mix.shape)}")
+        if self._folded_B is not None:
+            raise RuntimeError("unfold() the folded adapter before mixing another configuration")
+        previous, self._mix = self._mix, mix
+        try:
+            yield
+        finally:
+            self._mix = previous
+
+    @torch.no_grad()
+    def fold(self, mix: Tensor | None) -> None:
+        """Store ``B' = B M`` (plain LoRA behaviour with B'); ``None`` folds M = I."""
+        self._folded_B = self.lora_B.detach().clone() if mix is None else self.lora_B @ mix
+
+    def unfold(self) -> None:
+        self._folded_B = None
+
+    @property
+    def folded(self) -> bool:
+        return self._folded_B is not None
+
+    # ---------------------------------------------------------------- the delta
+    def delta(self, x: Tensor) -> Tensor:
         h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
-        if self.folded_B is not None:
-            return F.linear(h, self.folded_B) * self.scaling  # (..., d_out)
-        if self.mix is not None:
-            h = F.linear(h, self.mix)  # (..., r): h M^T
+        if self._folded_B is not None:
+            return F.linear(h, self._folded_B) * self.scaling  # (..., d_out)
+        if self._mix is not None:
+            h = F.linear(h, self._mix)  # (..., r): h Mᵀ
         return F.linear(h, self.lora_B) * self.scaling  # (..., d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.delta(x)
-
-    def delta_weight(self) -> torch.Tensor:
-        """Dense s * B M A, shape (d_out, d_in) — what a merge/export adds to the base weight."""
+    def delta_weight(self) -> Tensor:
+        """Dense s · B M A, shape (d_out, d_in)."""
         return self.scaling * self.effective_B() @ self.lora_A
 
-    def effective_B(self) -> torch.Tensor:
+    def effective_B(self) -> Tensor:
         """The B a plain LoRA would need to give this module's current delta: B M (d_out, r)."""
-        if self.folded_B is not None:
-            return self.folded_B
-        return self.lora_B if self.mix is None else self.lora_B @ self.mix
+        if self._folded_B is not None:
+            return self._folded_B
+        return self.lora_B if self._mix is None else self.lora_B @ self._mix
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}

@@ -1,4 +1,4 @@
-"""CoA-LoRA's configuration-aware mapper (arXiv 2509.25214, §3.2; algorithms.md §4.2).
+"""CoA-LoRA's configuration-aware mapper (arXiv 2509.25214, §3.2).
 
 Per target layer l the inputs are the five QuantConfig fields of its configuration c_l, its block
 index and its module type. Each is embedded (width ``emb_dim``), concatenated, then

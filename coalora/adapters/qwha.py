@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from coalora.adapters.base import AdapterLayer
 from coalora.adapters.wht import wht
 from coalora.errors import ConfigError
 
@@ -70,7 +71,7 @@ def _check_indices(indices: Tensor, d_out: int, d_in: int) -> Tensor:
     return indices
 
 
-class WHTAdapterLinear(nn.Module):
+class WHTAdapterLinear(AdapterLayer):
     """``base_layer`` (frozen) plus the QWHA delta ``x (s·F·Ĥ)ᵀ``.
 
     Args:
@@ -94,12 +95,7 @@ class WHTAdapterLinear(nn.Module):
         seed: int = 777,
         rank: int | None = None,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        for p in base_layer.parameters():
-            p.requires_grad_(False)
-        self.in_features = int(base_layer.in_features)
-        self.out_features = int(base_layer.out_features)
+        super().__init__(base_layer)
         d_in, d_out = self.in_features, self.out_features
         if indices is not None:
             indices = _check_indices(indices, d_out, d_in)
@@ -135,9 +131,6 @@ class WHTAdapterLinear(nn.Module):
 
     def delta(self, x: Tensor) -> Tensor:
         return F.linear(x, self.delta_weight().to(x.dtype))  # (..., d_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base_layer(x) + self.delta(x)
 
     # -- parameters / initialisation -------------------------------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:

@@ -2,8 +2,8 @@
 
 A task config is the single description of a GLUE task: where its files live (local TSV under
 ``${paths.data_dir}/glue/<glue_dir>``, else the hub), which columns hold the text and the label,
-how labels map to ids, and which metrics are logged (DESIGN §6, §7). Everything here validates
-early and names the config key that is wrong (STYLE §7).
+how labels map to ids, and which metrics are logged (docs/methods.md, "Evaluation protocol").
+Everything here validates early and names the config key that is wrong.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """One LightningModule for every method, plus callbacks."""
 
-from coalora.lit.module import CoaloraModule
+from coalora.lit.module import FinetuneModule
 
-__all__ = ["CoaloraModule"]
+__all__ = ["FinetuneModule"]

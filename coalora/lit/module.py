@@ -1,4 +1,4 @@
-"""One LightningModule drives every method through small hooks (DESIGN §4, STYLE 8).
+"""One LightningModule drives every method through small hooks (docs/architecture.md).
 
 Metrics are named ``split/name``: ``train/loss``, ``val/acc`` for the configuration trained on,
 ``val/acc@3.0`` for the evaluation configuration at 3.0 average bits, ``val/acc@mean`` their mean.
@@ -17,8 +17,12 @@ from torch import nn
 
 from coalora.data.metrics import build_metrics
 
+SCHEDULES = ("linear", "cosine", "constant")
 
-class CoaloraModule(L.LightningModule):
+
+class FinetuneModule(L.LightningModule):
+    """The quantized model + its method's adapters, trained and validated per configuration."""
+
     def __init__(self, model: nn.Module, method, task: DictConfig, optim: DictConfig, ctx) -> None:
         super().__init__()
         self.model = model
@@ -27,7 +31,7 @@ class CoaloraModule(L.LightningModule):
         self.optim = optim
         self.ctx = ctx
         self.strict_loading = False  # checkpoints carry trainable parameters only
-        self.eval_configs: dict[str, Any] = method.eval_configs(ctx)
+        self.eval_configs: dict[str, Any] = method.eval_configs()
         self.val_metrics = nn.ModuleDict(
             {self._key(lbl): build_metrics(task, prefix="val/") for lbl in self.eval_configs}
         )
@@ -43,25 +47,21 @@ class CoaloraModule(L.LightningModule):
 
     # ------------------------------------------------------------------ train
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.method.training_loss(self, batch)
+        loss = self.method.training_loss(self.model, batch, self.global_step)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     # ------------------------------------------------------------------ eval
-    def on_validation_epoch_start(self) -> None:
-        self.method.before_eval(self.model)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         labels = batch["labels"]
         for label, config in self.eval_configs.items():
-            self.method.on_eval_config(self.model, label, config)
-            logits = self.model(**batch).logits
+            with self.method.configured(self.model, config):
+                logits = self.model(**batch).logits
             preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
             self.val_metrics[self._key(label)].update(preds, labels)
 
     def on_validation_epoch_end(self) -> None:
-        self.method.after_eval(self.model)
         out: dict[str, float] = {}
         by_metric: dict[str, list[float]] = {}
         for label in self.eval_configs:
@@ -107,6 +107,7 @@ class CoaloraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["coalora"] = self.method.extra_state()
+        checkpoint["coalora_method"] = self.method.name
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.method.load_extra_state(checkpoint.get("coalora", {}))

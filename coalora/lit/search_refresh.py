@@ -1,13 +1,12 @@
 """Paper mode: re-run the Pareto search between epochs with the live model and train on its
-selection (CoA-LoRA paper §4.3; algorithms.md §4.7-4.8; DESIGN §5).
+selection (CoA-LoRA, arXiv 2509.25214 §4.3; docs/search.md).
 
 Every ``every_n_epochs`` epochs the callback scores configurations with the model being trained
 (its current adapters, mapper and head, on fixed calibration batches), runs the same GP +
 qLogNEHVI rounds as ``search.py``, and swaps the method's training set for the segmented Pareto
 selection (``method.set_training_set``). The search starts from the method's initial pool
-(``method.pool``) plus the current training set, all scored afresh with the current weights —
-unlike the reference code, whose tables mixed losses from earlier adapter states and candidates
-scored with an untrained adapter (algorithms.md §7.2 item 5).
+(``method.pool``) plus the current training set, all scored afresh with the current weights, so
+no loss in one search comes from an earlier adapter state.
 
 Logged: ``search/hypervolume`` and ``search/train_set_size``. Written (rank 0):
 ``<run dir>/configset_epoch{N}.json``. The selected set is part of the callback's checkpoint state,
@@ -29,6 +28,11 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import ConfigError
+from coalora.quant.model import model_weights
+from coalora.search.configset import ConfigSet, make_provenance
+from coalora.search.objectives import CalibrationObjective, require_switching
+from coalora.search.pool import PoolGrid, dedupe, initial_pool
+from coalora.search.settings import SearchSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +55,17 @@ class SearchRefreshCallback(Callback):
         self.history: list[dict[str, Any]] = []
         self.last_configset: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
-        self._bits_range: tuple[float, float] | None = None
+        self.settings: SearchSettings | None = None
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from coalora.search.objectives import require_switching
-        from coalora.stages.search import check_search
-
         require_switching(pl_module.method, "method.search_refresh_every_n_epochs")
-        self._bits_range = check_search(self.search_cfg, pl_module.method.space, check_pool=False)
+        self.settings = SearchSettings.from_cfg(
+            self.search_cfg, pl_module.method.space, check_pool=False
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None:  # resumed: train on what the interrupted run selected
-            from coalora.search.configset import ConfigSet
-
             method = pl_module.method
             cs = ConfigSet.from_dict(
                 self._pending,
@@ -91,52 +92,38 @@ class SearchRefreshCallback(Callback):
     # ------------------------------------------------------------------ the refresh
     def refresh(self, lit: L.LightningModule, epoch: int, trainer: L.Trainer | None = None):
         """Search with the live model; swap the training set; log and save. Returns the result."""
-        from coalora.methods.pool import dedupe, initial_pool
-        from coalora.quant.model import model_weights
-        from coalora.search.configset import make_provenance
-        from coalora.search.loop import run_search
-        from coalora.search.objectives import CalibrationObjective
-        from coalora.stages.search import search_kwargs
-
-        method, ctx, s = lit.method, lit.ctx, self.search_cfg
-        if self._bits_range is None:
+        method, ctx = lit.method, lit.ctx
+        if self.settings is None:
             self.setup(trainer, lit, "fit")
-        cfg = ctx.cfg
-        seed = int(cfg.seed)
-        dm = ctx.datamodule if ctx.datamodule is not None else trainer.datamodule
-        batches = dm.calibration_batches(
-            int(s.calib_batches), seed=seed, batch_size=int(s.calib_batch_size)
-        )
+        s = self.settings
+        seed = int(ctx.seed)
+        batches = ctx.calibration_batches(s.calib_batches, seed, s.calib_batch_size)
         objective = CalibrationObjective(lit.model, method, batches)
-        p = method.cfg.pool
         weights = model_weights(lit.model, method.names)
-        pool = initial_pool(
+        pool, _ = initial_pool(
             weights,
             method.space,
-            float(p.start),
-            float(p.stop),
-            float(p.step),
-            Path(ctx.cache_dir) if ctx.cache_dir else None,
-            cfg.model.name,
-            cfg.quant.get("solver", "milp"),
+            PoolGrid.from_cfg(method.cfg.pool, "method.pool"),
+            ctx.cache_dir,
+            ctx.model_name,
+            ctx.quant.solver,
         )
         initial = dedupe([*pool, *method.train_set])
         n_pool = len(dedupe(pool))
         sources = ["pool" if i < n_pool else "train_set" for i in range(len(initial))]
-        try:
-            result = run_search(
-                objective,
-                initial,
-                method.space,
-                method.names,
-                method.numels,
-                seed=seed + epoch,
-                progress=False,
-                initial_sources=sources,
-                **search_kwargs(s, self._bits_range),
-            )
-        finally:
-            objective.release()
+        from coalora.search.loop import run_search  # botorch: only in paper mode
+
+        result = run_search(
+            objective,
+            initial,
+            method.space,
+            method.names,
+            method.numels,
+            seed=seed + epoch,
+            progress=False,
+            initial_sources=sources,
+            **s.run_kwargs(),
+        )
         selected = [result.observations[i].config for i in result.selected]
         if selected:
             method.set_training_set(selected)
@@ -144,7 +131,7 @@ class SearchRefreshCallback(Callback):
             log.warning(
                 "search refresh at epoch %d selected nothing in bits %s; training set kept",
                 epoch,
-                self._bits_range,
+                s.bits_range,
             )
         record = {
             "epoch": epoch,
@@ -155,11 +142,11 @@ class SearchRefreshCallback(Callback):
         self.history.append(record)
         provenance = make_provenance(
             seed=seed,
-            model=cfg.model.name,
-            task=cfg.task.name,
+            model=ctx.model_name,
+            task=ctx.task_name,
             kind="search refresh",
             epoch=epoch,
-            search=OmegaConf.to_container(s, resolve=True),
+            search=OmegaConf.to_container(self.search_cfg, resolve=True),
         )
         cs = result.to_configset(method.space, provenance)
         if selected:

@@ -1,39 +1,59 @@
-"""The method interface and the pieces every method shares: quantized base, LoRA injection,
-freezing, and which parameters train (adapters + task head)."""
+"""The method interface and what every method shares: the quantized base, LoRA injection,
+freezing, and which parameters train (adapters + task head). docs/architecture.md ("Methods")
+shows the smallest complete method.
+
+A method receives what it needs, never the whole run config or the LightningModule: its own
+config group (``cfg.method``) at construction, the validated quant settings in :meth:`check`, and
+a :class:`MethodContext` (target names, layer structure, seed, calibration batches, cache) in
+:meth:`setup`. Capabilities are declared, not guessed: ``switches_configs`` (the trained adapter
+serves any configuration) and ``export_formats``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from coalora.adapters import LoRALinear, inject
 from coalora.errors import ConfigError
-from coalora.models import target_names
+from coalora.quant import ModelQuantConfig, QuantSettings, quantize_model
+
+Batch = dict[str, Tensor]
 
 
 @dataclass
-class SetupContext:
-    """What a method needs to build itself: the resolved run config, the target layers, the data
-    (calibration batches) and where to cache derived artifacts."""
+class MethodContext:
+    """What a method may use to build itself (assembled by ``coalora.stages.build``)."""
 
-    cfg: DictConfig
-    names: list[str] = field(default_factory=list)
-    datamodule: Any = None
-    run_dir: Path | None = None
+    names: list[str]  # target module names, named_modules() order
+    quant: QuantSettings
+    seed: int = 0
+    model_name: str = "model"
+    task_name: str = "task"
+    positions: list[int] = field(default_factory=list)  # block index of each target layer
+    module_types: list[str] = field(default_factory=list)  # module type of each target layer
+    num_layers: int = 0  # blocks of the model (the mapper's position vocabulary)
+    head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])
+    batch_size: int = 32  # training batch size (Fisher example counts)
+    # (n_batches, seed, batch_size | None) -> fixed training-split batches; None without data
+    calibration: Callable[..., list[Batch]] | None = None
     cache_dir: Path | None = None
+    run_dir: Path | None = None
+
+    def calibration_batches(self, n: int, seed: int, batch_size: int | None = None) -> list[Batch]:
+        if self.calibration is None:
+            raise ConfigError("this step needs the task's training data (calibration batches)")
+        return self.calibration(n, seed=seed, batch_size=batch_size)
 
 
 def settings_from_cfg(cls: type, cfg: Any, prefix: str):
     """Build the settings dataclass ``cls`` from a config block, rejecting unknown keys."""
-    from dataclasses import fields
-
     cfg = cfg or {}
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(cfg) - known)
@@ -42,87 +62,101 @@ def settings_from_cfg(cls: type, cfg: Any, prefix: str):
     return cls(**{k: cfg[k] for k in cfg})
 
 
-def build_method(cfg: DictConfig) -> Method:
-    """Instantiate the class named by ``method._target_`` with the method config."""
-    cls = get_class(cfg.method._target_)
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(f"method._target_={cfg.method._target_} is not a coalora Method")
-    return cls(cfg.method)
+def calibration_fisher(model: nn.Module, ctx: MethodContext, n_examples: int) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher of the target weights from ``n_examples`` single-example
+    training batches (LQ-LoRA, arXiv 2311.12023 §3.4; the task loss with the fresh head)."""
+    from coalora.quant import fisher_diagonal
+
+    batches = ctx.calibration_batches(n_examples, seed=ctx.seed, batch_size=1)
+    return fisher_diagonal(model, ctx.names, batches, lambda m, b: m(**b).loss)
+
+
+def _positive_number(cfg: DictConfig, key: str) -> None:
+    v = cfg.get(key)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ConfigError(f"method.{key}={v!r} must be a number > 0")
 
 
 class Method:
-    """Base class: a frozen (optionally quantized) base with LoRA adapters on the target layers.
+    """A frozen (optionally quantized) base with LoRA adapters on the target layers.
 
-    Hooks used by :class:`coalora.lit.CoaloraModule`: ``setup``, ``trainable_parameters``,
-    ``training_loss``, ``eval_configs``, ``on_eval_config``, ``extra_state``.
+    Hooks used by the LightningModule and the stages: ``check``, ``setup``,
+    ``trainable_parameters``, ``modules``, ``training_loss``, ``eval_configs``, ``configured``,
+    ``adapt``, ``extra_state``, ``describe``.
     """
 
     name = "base"
     #: quant modes a method accepts (``None`` = all)
     quant_modes: tuple[str, ...] | None = None
+    #: the trained adapter serves any configuration of the space (evaluate at any budget, search)
+    switches_configs = False
+    #: ``export.py format=`` values this method supports (the first is the default)
+    export_formats: tuple[str, ...] = ("peft", "merged")
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.names: list[str] = []
-        self.config = None  # ModelQuantConfig of the base, or None (full precision / bnb)
+        self.config: ModelQuantConfig | None = None  # the base's configuration (None: fp / bnb)
         self.cache = None
 
-    # ---------------------------------------------------------------- setup
-    def check(self, full_cfg: DictConfig) -> None:
-        """Validate the method/quant pairing before anything is built."""
-        from coalora.quant.build import quant_mode, quant_space, uniform_config
-
-        q = full_cfg.quant
-        mode = quant_mode(q)
-        if self.quant_modes is not None and mode not in self.quant_modes:
+    # ---------------------------------------------------------------- validation
+    def check(self, quant: QuantSettings) -> None:
+        """Validate the method config and its pairing with ``quant`` before anything is built."""
+        if self.quant_modes is not None and quant.mode not in self.quant_modes:
             raise ConfigError(
-                f"method={self.name} does not support quant={mode}; "
+                f"method={self.name} does not support quant={quant.mode}; "
                 f"allowed quant modes: {list(self.quant_modes)}"
             )
-        rank = self.cfg.get("rank")
+        c = self.cfg
+        rank = c.get("rank")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ConfigError(f"method.rank={rank!r} must be a positive integer")
-        # cheap checks of the quant block before any data or model is loaded
-        space = quant_space(q)
-        if mode in ("uniform", "nf4"):
-            uniform_config(q, space)
-        elif mode == "budget":
-            b = q.get("budget")
-            if isinstance(b, bool) or not isinstance(b, (int, float)):
-                raise ConfigError(f"quant.budget={b!r} must be a number (average bits)")
-            lo, hi = space.min_bits(), space.max_bits()
-            if not lo - 1e-9 <= b <= hi + 1e-9:
-                raise ConfigError(
-                    f"quant.budget={b} is not achievable with quant.space: min achievable "
-                    f"{lo:.4f}, max achievable {hi:.4f} average bits"
-                )
-        elif mode == "file" and not (q.get("file") and Path(q.file).is_file()):
-            raise ConfigError(f"quant.file={q.get('file')!r}: no such configuration file")
+        _positive_number(c, "alpha")
+        _positive_number(c, "lr")
+        d = c.get("dropout")
+        if d is not None and (
+            isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1
+        ):
+            raise ConfigError(f"method.dropout={d!r} must be a number in [0, 1)")
 
-    def setup(self, model: nn.Module, ctx: SetupContext) -> None:
-        self.names = ctx.names or target_names(model, list(ctx.cfg.model.target_modules))
+    # ---------------------------------------------------------------- setup
+    def setup(self, model: nn.Module, ctx: MethodContext) -> None:
+        self.names = list(ctx.names)
         self.build_base(model, ctx)
         self.inject_adapters(model, ctx)
         self.freeze(model, ctx)
 
-    def build_base(self, model: nn.Module, ctx: SetupContext) -> None:
-        """Quantize the target linears per ``cfg.quant`` (no-op for ``quant=none``)."""
-        from coalora.methods.quant_base import quantize_base
+    def build_base(self, model: nn.Module, ctx: MethodContext) -> None:
+        """Quantize the target linears per the quant settings (no-op for ``quant=none``)."""
+        q = ctx.quant
+        if q.mode == "none":
+            return
+        if q.mode == "bnb_nf4":
+            from coalora.quant.bnb import replace_with_bnb_nf4
 
-        self.config, self.cache = quantize_base(model, self.names, ctx)
+            replace_with_bnb_nf4(model, self.names)
+            return
+        from coalora.quant import model_weights
 
-    def inject_adapters(self, model: nn.Module, ctx: SetupContext) -> None:
+        weights = model_weights(model, self.names)
+        fisher = calibration_fisher(model, ctx, q.fisher_examples) if q.needs_fisher else None
+        self.config = q.base_config(weights, None, ctx.cache_dir, ctx.model_name, fisher)
+        self.cache = q.build_cache()
+        quantize_model(model, self.names, self.config, self.cache)
+
+    def inject_adapters(self, model: nn.Module, ctx: MethodContext) -> None:
         c = self.cfg
         inject(model, self.names, lambda _, m: LoRALinear(m, c.rank, c.alpha, c.dropout))
 
-    def freeze(self, model: nn.Module, ctx: SetupContext) -> None:
+    def freeze(self, model: nn.Module, ctx: MethodContext) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         for _, p in self.trainable_parameters(model):
             p.requires_grad_(True)
-        head = list(ctx.cfg.model.get("head_modules", ["classifier", "score"]))
         for n, m in model.named_modules():
-            if n.split(".")[-1] in head:
+            if n.split(".")[-1] in ctx.head_modules:
                 for p in m.parameters():
                     p.requires_grad_(True)
 
@@ -138,8 +172,9 @@ class Method:
         """Trainable modules the method owns besides the model (e.g. the CoA-LoRA mapper)."""
         return {}
 
-    def training_loss(self, lit, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lit.model(**batch).loss
+    def training_loss(self, model: nn.Module, batch: Batch, step: int) -> Tensor:
+        """The loss of one optimisation step (``step`` = the global step, for seeded draws)."""
+        return model(**batch).loss
 
     def extra_state(self) -> dict[str, Any]:
         """Plain-typed state saved in checkpoints next to the trainable parameters."""
@@ -148,19 +183,33 @@ class Method:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
-    # ---------------------------------------------------------------- evaluation
-    def eval_configs(self, ctx: SetupContext) -> dict[str, Any]:
-        """Label -> configuration to evaluate; ``""`` means the configuration trained on."""
+    # ---------------------------------------------------------------- configurations
+    def eval_configs(self) -> dict[str, ModelQuantConfig | None]:
+        """Label -> configuration to validate on; ``""`` means the configuration trained on."""
         return {"": self.config}
 
-    def on_eval_config(self, model: nn.Module, label: str, config) -> None:
-        """Switch the model to ``config`` before evaluating it (default: nothing to switch)."""
+    def check_serves(self, config: ModelQuantConfig | None) -> None:
+        """A single-configuration method serves only the configuration it was trained on."""
+        if self.switches_configs or config is None or config is self.config:
+            return
+        if self.config is None or config.to_dict() != self.config.to_dict():
+            bits = "full precision" if self.config is None else f"{self.config.average_bits():.4f}"
+            raise ConfigError(
+                f"method={self.name} was trained on one configuration ({bits} bits) and serves "
+                f"only that one, not a {config.average_bits():.4f}-bit configuration"
+            )
 
-    def before_eval(self, model: nn.Module) -> None:
-        """Called once before a validation pass."""
+    @contextlib.contextmanager
+    def configured(self, model: nn.Module, config: ModelQuantConfig | None) -> Iterator[nn.Module]:
+        """``with method.configured(model, c):`` runs the model in configuration ``c``."""
+        self.check_serves(config)
+        yield model
 
-    def after_eval(self, model: nn.Module) -> None:
-        """Called once after a validation pass (restore the training state)."""
+    def adapt(self, model: nn.Module, config: ModelQuantConfig | None) -> nn.Module:
+        """Put ``model`` into ``config`` until the next switch, for export or deployment:
+        the base is switched and any per-configuration adapter state is folded in."""
+        self.check_serves(config)
+        return model
 
     def describe(self) -> dict[str, Any]:
         """Facts for results.json (average bits of the trained configuration, ...)."""
@@ -168,3 +217,6 @@ class Method:
         if self.config is not None:
             out["avg_bits"] = self.config.average_bits()
         return out
+
+
+__all__ = ["Batch", "Method", "MethodContext", "calibration_fisher", "settings_from_cfg"]

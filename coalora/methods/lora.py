@@ -1,4 +1,4 @@
-"""LoRA on a full-precision base (Hu et al. 2021). The reference point for every quantized method."""
+"""LoRA on a full-precision base (Hu et al., arXiv 2106.09685). The reference point for every quantized method."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """LQ-LoRA (Guo et al., arXiv 2311.12023): LoRA initialised from ``W ≈ Q + L1 L2``.
 
-Research notes algorithms.md §3 (decomposition, LoRA mapping), §2 / papers.md §3.3 (budget ILP with
-decomposition-aware costs), §7.1 (reference-code bugs we do not copy).  Per target layer, with the
+arXiv 2311.12023 §3.1 (decomposition), §3.2 (budget ILP with decomposition-aware costs), §3.4
+(Fisher weighting); docs/methods.md ("LQ-LoRA").  Per target layer, with the
 layer's QuantConfig ``c`` from the resolved base configuration (``quant=nf4|uniform|file|budget``):
 
     L1, L2, Q = lq_decompose(W, r, quantize_c)      best iterate (stop at the first non-improvement)
@@ -15,7 +15,8 @@ falls back to ``QuantLinear``'s behaviour (quantize ``W``), which no longer matc
 
 ``quant=budget``: the allocation minimises the decomposition error ``‖W − (Q + L1L2)‖²`` (LQ-LoRA's
 ILP), from a table built with few iterations and dominance pruning (:mod:`coalora.methods.lq_table`);
-``method.lq.allocation=quantization`` uses the plain table every other method shares (DESIGN §6).
+``method.lq.allocation=quantization`` uses the plain table every other method shares (the evaluation
+protocol of docs/methods.md).
 Optional Fisher weighting (``method.lq.fisher``): the diagonal empirical Fisher of the fp model on
 training batches weights the SVD (``heuristic``) and the decomposition error; ``quant.fisher``
 weights the allocation costs.
@@ -32,26 +33,20 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from coalora.adapters import LoRALinear, inject
-from coalora.adapters.inject import replace_module
+from coalora.adapters import LoRALinear, inject, replace_module
 from coalora.errors import CoaloraError, ConfigError
-from coalora.methods.base import Method, settings_from_cfg
+from coalora.methods.base import Method, MethodContext, calibration_fisher, settings_from_cfg
 from coalora.methods.lq_table import cached_lq_error_table
-from coalora.methods.quant_base import calibration_fisher
 from coalora.quant import (
     DequantCache,
     ModelQuantConfig,
     QuantConfig,
     QuantLinear,
-    allocate,
-    build_model_config,
+    QuantSettings,
     cached_error_table,
     fake_quantize,
     model_weights,
-    quant_space,
 )
-from coalora.quant.allocation import SOLVERS
-from coalora.quant.build import build_cache
 from coalora.quant.lq import HEURISTICS, lora_init_from_lq, lq_decompose
 
 log = logging.getLogger(__name__)
@@ -140,6 +135,8 @@ class LQLoRA(Method):
     name = "lq_lora"
     # bnb_nf4 has no dequantized weight to replace by Q; none has no Q at all
     quant_modes = ("nf4", "uniform", "budget", "file")
+    # the base is its own decomposition Q, not quant(W): only the merged weights are portable
+    export_formats = ("merged",)
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
@@ -147,27 +144,19 @@ class LQLoRA(Method):
         self._factors: dict[str, tuple[Tensor, Tensor]] = {}
         self.report: dict[str, Any] = {}
 
-    def check(self, full_cfg: DictConfig) -> None:
-        super().check(full_cfg)
-        c = self.cfg
-        if not float(c.alpha) > 0:
-            raise ConfigError(f"method.alpha={c.alpha!r} must be > 0 (LoRA scaling alpha/rank)")
-
     # ------------------------------------------------------------------ base = Q
-    def build_base(self, model: nn.Module, ctx) -> None:
-        q = ctx.cfg.quant
+    def build_base(self, model: nn.Module, ctx: MethodContext) -> None:
+        q = ctx.quant
         weights = {n: w.to(torch.float32) for n, w in model_weights(model, self.names).items()}
-        numels = {n: w.numel() for n, w in weights.items()}
-        use_quant_fisher = q.mode == "budget" and bool(q.get("fisher"))
         fisher = None
-        if self.lq.fisher or use_quant_fisher:
+        if self.lq.fisher or q.needs_fisher:
             t0 = time.perf_counter()
-            n_examples = self.lq.calib_batches * int(ctx.cfg.data.batch_size)
-            fisher = calibration_fisher(model, self.names, ctx, n_examples)
+            n_examples = self.lq.calib_batches * int(ctx.batch_size)
+            fisher = calibration_fisher(model, ctx, n_examples)
             self.report["fisher_examples"] = n_examples
             self.report["fisher_seconds"] = round(time.perf_counter() - t0, 2)
-        self.config = self._configuration(q, weights, numels, fisher, use_quant_fisher, ctx)
-        self.cache = build_cache(q)
+        self.config = self._configuration(q, weights, fisher, ctx)
+        self.cache = q.build_cache()
         t0 = time.perf_counter()
         layers: dict[str, dict[str, Any]] = {}
         for name in self.names:
@@ -203,50 +192,28 @@ class LQLoRA(Method):
         self.report["layers"] = layers
 
     def _configuration(
-        self, q, weights, numels, fisher, use_quant_fisher: bool, ctx
+        self, q: QuantSettings, weights, fisher, ctx: MethodContext
     ) -> ModelQuantConfig:
-        cache_dir = str(ctx.cache_dir) if ctx.cache_dir else None
-        model_name = str(ctx.cfg.model.name)
+        """The base configuration through the one quant path; with ``quant=budget`` and
+        ``method.lq.allocation=decomposition`` it plugs in the decomposition-aware table."""
+        quant_fisher = fisher if q.needs_fisher else None
         if q.mode != "budget" or self.lq.allocation == "quantization":
-            try:
-                return build_model_config(
-                    q, weights, numels, cache_dir, model_name, fisher if use_quant_fisher else None
-                )
-            except CoaloraError:
-                raise
-            except ValueError as e:
-                raise ConfigError(f"quant: {e}") from None
-        budget = q.get("budget")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise ConfigError(
-                f"quant.budget={budget!r} must be a number (average bits) for quant.mode=budget"
-            )
-        solver = q.get("solver", "milp")
-        if solver not in SOLVERS:
-            raise ConfigError(f"quant.solver={solver!r} is not allowed; allowed: {list(SOLVERS)}")
-        space = quant_space(q)
-        use_cache = bool(q.get("table_cache", True)) and cache_dir is not None
+            return q.base_config(weights, None, ctx.cache_dir, ctx.model_name, quant_fisher)
+        cache_dir = str(ctx.cache_dir) if (q.table_cache and ctx.cache_dir) else None
         plain = None
         if self.lq.table_prune:
-            qf = fisher if use_quant_fisher else None
-            plain = cached_error_table(
-                weights, space, cache_dir if use_cache else None, model_name, qf
-            )
+            plain = cached_error_table(weights, q.space, cache_dir, ctx.model_name, quant_fisher)
         table, seconds = cached_lq_error_table(
-            weights, space, cache_dir if use_cache else None, model_name,
+            weights, q.space, cache_dir, ctx.model_name,
             int(self.cfg.rank), self.lq.table_iters,
             randomized=self.lq.randomized, oversampling=self.lq.oversampling,
-            fisher=fisher, weighted_error=use_quant_fisher,
+            fisher=fisher, weighted_error=q.needs_fisher,
             weighted_svd=self.lq.heuristic if self.lq.fisher else None,
             plain=plain, seed=self.lq.seed,
         )  # fmt: skip
         self.report["table_seconds"] = round(seconds, 2)
         self.report["table_kind"] = table.kind
-        try:
-            config = allocate(weights, float(budget), space, table=table, solver=solver)
-        except ValueError as e:  # an unreachable budget names both achievable ends
-            raise ConfigError(f"quant: {e}") from None
-        return ModelQuantConfig(dict(config.configs), numels)
+        return q.base_config(weights, None, ctx.cache_dir, ctx.model_name, quant_fisher, table)
 
     # ------------------------------------------------------------------ LoRA = L1 L2
     def inject_adapters(self, model: nn.Module, ctx) -> None:

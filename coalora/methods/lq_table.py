@@ -1,6 +1,6 @@
 """Decomposition-aware error tables for LQ-LoRA's budget allocation.
 
-LQ-LoRA (Guo et al., arXiv 2311.12023) §3.3 / research notes algorithms.md §2, papers.md §3.3: the
+LQ-LoRA (Guo et al., arXiv 2311.12023) §3.2-3.3 (docs/quantization.md, "Allocation"): the
 integer program's cost of option ``c`` for matrix ``i`` is the error left *after* the low-rank +
 quantized decomposition, ``‖D ⊙ (W_i − (Q + L1 L2))‖²_F`` (``D = √Fisher`` or 1), not the plain
 quantization error.  That means one decomposition per (layer, option): 432 × 36 on MiniLM.

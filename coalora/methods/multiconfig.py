@@ -1,39 +1,32 @@
 """Training one adapter over a *set* of quantization configurations (Shared-LoRA, CoA-LoRA).
 
 Each step draws ``configs_per_step`` configurations from the training set, switches the frozen
-base to each through the dequantization cache (a lookup after first use — never a disk load, unlike
-the reference code), runs the same batch, and averages the losses; one backward pass accumulates
-the gradients of all k configurations. The draw is seeded by (seed, global step) so a resumed run
-draws what the uninterrupted run would have.
+base to each through the dequantization cache (a lookup after first use, never a disk load),
+runs the same batch, and averages the losses; one backward pass accumulates the gradients of all
+k configurations. The draw is seeded by (seed, global step) so a resumed run draws what the
+uninterrupted run would have.
 
-One optimizer state: the reference Shared-LoRA kept separate Adam moments per configuration
-(its optimizer was re-pointed at per-configuration model copies). Here all configurations update
-the same parameters through one AdamW, so the moments see every configuration's gradients — the
-adapter *is* shared, and its statistics should be too.
+One optimizer state: all configurations update the same parameters through one AdamW, so the
+moments see every configuration's gradients — the adapter *is* shared, and its statistics too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
-from coalora.methods.base import Method, SetupContext
-from coalora.methods.pool import allocations, initial_pool
-from coalora.quant import (
-    DequantCache,
-    ModelQuantConfig,
-    QuantSpace,
-    quantize_model,
-    set_model_config,
-)
+from coalora.methods.base import Batch, Method, MethodContext
+from coalora.quant import ModelQuantConfig, QuantSettings, quantize_model, set_model_config
+from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
+from coalora.search.pool import PoolGrid, initial_pool
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +35,40 @@ class MultiConfigMethod(Method):
     """LoRA trained while the base configuration changes every step."""
 
     quant_modes = None  # the base follows the configuration set; quant.* gives space and cache
+    switches_configs = True
 
-    def setup(self, model: nn.Module, ctx: SetupContext) -> None:
-        q = ctx.cfg.quant
-        self.names = ctx.names
-        self.space = QuantSpace.from_cfg(q.space)
-        self.seed = int(ctx.cfg.seed)
+    def check(self, quant: QuantSettings) -> None:
+        super().check(quant)
+        c = self.cfg
+        k = c.get("configs_per_step")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"method.configs_per_step={k!r} must be an integer >= 1")
+        budgets = list(c.get("eval_budgets") or [])
+        if not budgets:
+            raise ConfigError("method.eval_budgets must list at least one budget (average bits)")
+        bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, float))]
+        if bad:
+            raise ConfigError(f"method.eval_budgets={bad} must be numbers (average bits)")
+        lo, hi = quant.space.min_bits(), quant.space.max_bits()
+        outside = [b for b in budgets if not lo <= float(b) <= hi]
+        if outside:
+            raise ConfigError(
+                f"method.eval_budgets={outside} outside the achievable average bits "
+                f"[{lo:.4f}, {hi:.4f}] of quant.space"
+            )
+        if not c.get("configset"):
+            PoolGrid.from_cfg(c.pool, "method.pool").budgets(quant.space, "method.pool")
+
+    def setup(self, model: nn.Module, ctx: MethodContext) -> None:
+        q = ctx.quant
+        self.names = list(ctx.names)
+        self.space = q.space
+        self.seed = int(ctx.seed)
+        self.solver = q.solver
         weights = model_weights(model, self.names)
         self.numels = {n: w.numel() for n, w in weights.items()}
-        cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else None
-        self.eval_set = self._eval_allocations(weights, cache_dir, ctx)
-        self.train_set = self._training_set(weights, cache_dir, ctx)
+        self.eval_set = self._eval_allocations(weights, ctx)
+        self.train_set = self._training_set(weights, ctx)
         log.info(
             "%s: %d training configurations (%.2f-%.2f bits), eval budgets %s",
             self.name,
@@ -61,7 +77,7 @@ class MultiConfigMethod(Method):
             max(c.average_bits() for c in self.train_set),
             list(self.eval_set),
         )
-        self.cache = DequantCache(limit_mb=q.cache_limit_mb)
+        self.cache = q.build_cache()
         self.config = next(iter(self.eval_set.values()))
         self.qlayers = quantize_model(model, self.names, self.config, self.cache)
         self.inject_adapters(model, ctx)
@@ -69,21 +85,14 @@ class MultiConfigMethod(Method):
         self.freeze(model, ctx)
 
     # ------------------------------------------------------------------ configuration sets
-    def _eval_allocations(self, weights, cache_dir, ctx) -> dict[str, ModelQuantConfig]:
+    def _eval_allocations(self, weights, ctx: MethodContext) -> dict[str, ModelQuantConfig]:
         budgets = [float(b) for b in self.cfg.eval_budgets]
-        lo, hi = self.space.min_bits(), self.space.max_bits()
-        bad = [b for b in budgets if not lo <= b <= hi]
-        if bad:
-            raise ConfigError(
-                f"method.eval_budgets={bad} outside the achievable average bits "
-                f"[{lo:.4f}, {hi:.4f}] of quant.space"
-            )
         allocs = allocations(
-            weights, budgets, self.space, cache_dir, ctx.cfg.model.name, ctx.cfg.quant.solver
+            weights, budgets, self.space, ctx.cache_dir, ctx.model_name, self.solver
         )
         return {f"{b:g}": c for b, c in allocs.items()}
 
-    def _training_set(self, weights, cache_dir, ctx) -> list[ModelQuantConfig]:
+    def _training_set(self, weights, ctx: MethodContext) -> list[ModelQuantConfig]:
         if self.cfg.get("configset"):
             from coalora.search.configset import ConfigSet
 
@@ -95,17 +104,11 @@ class MultiConfigMethod(Method):
                     f"method.configset={self.cfg.configset} has no entries to train on"
                 )
             return [cs.entry_config(e) for e in entries]
-        p = self.cfg.pool
-        return initial_pool(
-            weights,
-            self.space,
-            p.start,
-            p.stop,
-            p.step,
-            cache_dir,
-            ctx.cfg.model.name,
-            ctx.cfg.quant.solver,
+        grid = PoolGrid.from_cfg(self.cfg.pool, "method.pool")
+        configs, _ = initial_pool(
+            weights, self.space, grid, ctx.cache_dir, ctx.model_name, self.solver
         )
+        return configs
 
     def set_training_set(self, configs: list[ModelQuantConfig]) -> None:
         """Swap the configurations drawn from (the in-training search refresh uses this)."""
@@ -114,31 +117,39 @@ class MultiConfigMethod(Method):
         self.train_set = list(configs)
 
     # ------------------------------------------------------------------ per-configuration switch
-    def apply(self, model: nn.Module, config: ModelQuantConfig) -> None:
-        """Put the base (and, for CoA-LoRA, the adapters) into ``config``."""
+    def switch_base(self, model: nn.Module, config: ModelQuantConfig) -> None:
         set_model_config(model, config, self.qlayers)
+
+    @contextlib.contextmanager
+    def configured(self, model: nn.Module, config: ModelQuantConfig | None) -> Iterator[nn.Module]:
+        if config is None:
+            raise ConfigError(f"method={self.name} needs a configuration to run in")
+        self.switch_base(model, config)
+        yield model
+
+    def adapt(self, model: nn.Module, config: ModelQuantConfig | None) -> nn.Module:
+        if config is None:
+            raise ConfigError(f"method={self.name} needs a configuration to adapt to")
+        config.validate_names(self.names)
+        self.switch_base(model, config)
+        return model
 
     def draw(self, step: int) -> list[ModelQuantConfig]:
         k = int(self.cfg.configs_per_step)
-        if k < 1:
-            raise ConfigError(f"method.configs_per_step={k} must be >= 1")
         rng = random.Random(self.seed * 1_000_003 + step)
         return rng.sample(self.train_set, min(k, len(self.train_set)))
 
-    def training_loss(self, lit, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        configs = self.draw(lit.global_step)
+    def training_loss(self, model: nn.Module, batch: Batch, step: int) -> Tensor:
+        configs = self.draw(step)
         total = 0.0
         for config in configs:
-            self.apply(lit.model, config)
-            total = total + lit.model(**batch).loss
+            with self.configured(model, config):
+                total = total + model(**batch).loss
         return total / len(configs)
 
     # ------------------------------------------------------------------ evaluation
-    def eval_configs(self, ctx) -> dict[str, Any]:
+    def eval_configs(self) -> dict[str, Any]:
         return dict(self.eval_set)
-
-    def on_eval_config(self, model: nn.Module, label: str, config) -> None:
-        self.apply(model, config)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""QLoRA (Dettmers et al. 2023): LoRA on a frozen quantized base, trained and evaluated on one
+"""QLoRA (Dettmers et al., arXiv 2305.14314): LoRA on a frozen quantized base, trained and evaluated on one
 configuration — uniform NF4 with double quantization (``quant=nf4``), a budget's allocation
 (``quant=budget``), a configuration file (``quant=file``) or bitsandbytes' kernel (``quant=bnb_nf4``)."""
 

@@ -1,11 +1,11 @@
 """QWHA (Jeon et al., arXiv 2509.17428): Walsh-Hadamard adapters with quantization-aware init.
 
-Research notes algorithms.md §5.1 (adapter), §5.3 (initialisation), §7.3 (reference-code issues);
+arXiv 2509.17428 §3 (adapter, Eq. 4), §4 (AdaAlloc, value refinement); docs/methods.md ("QWHA");
 adapter and init code in ``coalora.adapters.qwha`` / ``qwha_init`` (docs/methods.md).  As a method:
 
 1. **Grams on the full-precision model.** ``init.calib_batches`` fixed *training-split* batches
    (``datamodule.calibration_batches``, never the dev split — the reference calibrates on the test
-   split it reports on, §7.3-1) run through the fp model; ``GramCollector`` accumulates
+   split it reports on) run through the fp model; ``GramCollector`` accumulates
    ``G = Σ xᵀx`` per target layer over non-padding tokens.
 2. **Quantized base** from ``quant=`` (any mode with a dequantized weight: not ``bnb_nf4``).
 3. **Adapters.** Each target is wrapped by ``WHTAdapterLinear`` with ``p = r·(d_in + d_out)``
@@ -37,8 +37,8 @@ from torch.nn import functional as F
 from coalora.adapters import WHTAdapterLinear, inject
 from coalora.adapters.qwha_init import GramCollector, qwha_initialize
 from coalora.errors import ConfigError
-from coalora.methods.base import Method, settings_from_cfg
-from coalora.quant import QuantLinear
+from coalora.methods.base import Method, MethodContext, settings_from_cfg
+from coalora.quant import QuantLinear, QuantSettings
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class FusedWHTAdapterLinear(WHTAdapterLinear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
         base = self.base_layer
         w = base.weight + self.delta_weight().to(base.weight.dtype)  # (d_out, d_in)
         return F.linear(x, w.to(x.dtype), None if base.bias is None else base.bias.to(x.dtype))
@@ -104,6 +106,8 @@ class QWHAInitSettings:
 
 class QWHA(Method):
     name = "qwha"
+    # a sparse Walsh-Hadamard spectrum is not a LoRA: only the merged weights are portable
+    export_formats = ("merged",)
     # bnb_nf4 has no dequantized weight W_q to initialise from; none = an fp base (init is a no-op)
     quant_modes = ("none", "nf4", "uniform", "budget", "file")
 
@@ -113,22 +117,20 @@ class QWHA(Method):
         self.adapters: dict[str, WHTAdapterLinear] = {}
         self.report: dict[str, Any] = {}
 
-    def check(self, full_cfg: DictConfig) -> None:
-        super().check(full_cfg)
+    def check(self, quant: QuantSettings) -> None:
+        super().check(quant)
         c = self.cfg
         if isinstance(c.scaling, bool) or not float(c.scaling) > 0:
             raise ConfigError(f"method.scaling={c.scaling!r} must be a number > 0")
 
     # ------------------------------------------------------------------ setup
-    def setup(self, model: nn.Module, ctx) -> None:
-        from coalora.models import target_names
-
-        self.names = ctx.names or target_names(model, list(ctx.cfg.model.target_modules))
+    def setup(self, model: nn.Module, ctx: MethodContext) -> None:
+        self.names = list(ctx.names)
         grams = None
-        if self.init.enabled and ctx.cfg.quant.mode != "none":
-            if ctx.datamodule is None:
+        if self.init.enabled and ctx.quant.mode != "none":
+            if ctx.calibration is None:
                 # e.g. a restore without data: positions/values come from the checkpoint
-                log.warning("qwha: no datamodule, initialisation skipped")
+                log.info("qwha: no training data, initialisation skipped (restored from the run)")
             else:
                 grams = self._collect_grams(model, ctx)
         self.build_base(model, ctx)
@@ -138,12 +140,10 @@ class QWHA(Method):
         self.freeze(model, ctx)
 
     @torch.no_grad()
-    def _collect_grams(self, model: nn.Module, ctx) -> dict[str, Tensor]:
+    def _collect_grams(self, model: nn.Module, ctx: MethodContext) -> dict[str, Tensor]:
         """``Σ xᵀx`` per target over non-padding tokens of fixed training batches (fp model)."""
         t0 = time.perf_counter()
-        batches = ctx.datamodule.calibration_batches(
-            self.init.calib_batches, seed=int(ctx.cfg.seed)
-        )
+        batches = ctx.calibration_batches(self.init.calib_batches, seed=ctx.seed)
         was_training = model.training
         model.eval()
         try:

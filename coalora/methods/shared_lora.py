@@ -1,4 +1,4 @@
-"""Shared-LoRA baseline (CoA-LoRA paper §5): one LoRA + head trained while each step draws
+"""Shared-LoRA baseline (CoA-LoRA, arXiv 2509.25214 §5): one LoRA + head trained while each step draws
 configurations from the set; no configuration-aware adjustment."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Quantization engine (DESIGN §3): NF-b block-wise quantization with double quantization, bit
-packing, configurations and storage accounting, a dequantized-weight cache for cheap switching,
-and budget allocation. Pure tensors and data classes; see docs/architecture.md for the contract
-and research/algorithms.md §1-2 for the algorithms.
+"""Quantization engine: NF-b block-wise quantization with double quantization, bit packing,
+configurations and storage accounting, a dequantized-weight cache for cheap switching, and budget
+allocation. Pure tensors and data classes; docs/quantization.md describes the algorithms and
+docs/architecture.md the contract.
 """
 
 from coalora.quant.allocation import (
@@ -13,7 +13,13 @@ from coalora.quant.allocation import (
     solve_mckp_lagrangian,
     solve_mckp_milp,
 )
-from coalora.quant.build import build_cache, build_model_config, quant_space
+from coalora.quant.build import (
+    QuantSettings,
+    allocations,
+    build_cache,
+    build_model_config,
+    quant_space,
+)
 from coalora.quant.config import NF3, NF4, ModelQuantConfig, QuantConfig, QuantSpace
 from coalora.quant.fisher import fisher_diagonal
 from coalora.quant.linear import DequantCache, QuantLinear
@@ -54,6 +60,8 @@ __all__ = [
     "QuantSpace",
     "QuantizedTensor",
     "allocate",
+    "QuantSettings",
+    "allocations",
     "build_cache",
     "build_error_table",
     "build_model_config",

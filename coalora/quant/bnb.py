@@ -1,8 +1,8 @@
 """QLoRA's original kernel path: bitsandbytes ``Linear4bit`` NF4 with double quantization.
 
-``quant=bnb_nf4`` (DESIGN §3). bitsandbytes NF4 = blocks of 64, fp32 absmax compressed to 8-bit
+``quant=bnb_nf4`` (docs/quantization.md). bitsandbytes NF4 = blocks of 64, fp32 absmax compressed to 8-bit
 blockwise (blocks of 256) with a mean offset — QLoRA's recipe, not LQ-LoRA's min offset
-(research/algorithms.md §1.5 "blockwise-nf-original"). Fast on CUDA; works on CPU, slowly.
+(QLoRA, arXiv 2305.14314 §3). Fast on CUDA; works on CPU, slowly.
 bitsandbytes is imported lazily so the rest of ``coalora.quant`` never needs it.
 """
 
@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from coalora.quant.model import replace_module
 
 
 def replace_with_bnb_nf4(
@@ -48,8 +50,7 @@ def replace_with_bnb_nf4(
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         layer = layer.to(device)  # Params4bit quantizes on its first move to a device
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
         out[name] = layer
     return out
 

@@ -1,6 +1,6 @@
 """Quantization configurations: one layer's ``QuantConfig``, the option space, a model's assignment.
 
-A layer configuration is LQ-LoRA's NF-b + double-quantization tuple (research/algorithms.md §1.3,
+A layer configuration is LQ-LoRA's NF-b + double-quantization tuple (arXiv 2311.12023 §3.2; docs/quantization.md,
 §1.5): ``(bits, bits0, dtype1, block0, block1)``. Its storage in bits per parameter is
 ``bits + bits0/block0 + w1/(block0*block1)`` with ``w1 = 32`` for fp32 second-level scales and 16
 for bf16/fp16 (§1.4; the per-matrix fp32 offset and the codebook are not counted).
@@ -45,7 +45,7 @@ def _as_int(value: Any, name: str) -> int:
 
 @dataclass(frozen=True, order=True)
 class QuantConfig:
-    """One layer's configuration (algorithms.md §1.3): NF ``bits`` weights, absmax scales over
+    """One layer's configuration (docs/quantization.md): NF ``bits`` weights, absmax scales over
     ``block0`` weights quantized to unsigned ``bits0`` bits in super-blocks of ``block1`` scales,
     whose second-level constants are stored in ``dtype1``."""
 
@@ -70,7 +70,7 @@ class QuantConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
 
     def storage_bits(self) -> float:
-        """Bits per parameter, algorithms.md §1.4."""
+        """Bits per parameter, docs/quantization.md ("Storage")."""
         w1 = 32 if self.dtype1 == "fp32" else 16
         return self.bits + self.bits0 / self.block0 + w1 / (self.block0 * self.block1)
 
@@ -138,7 +138,7 @@ def _option_list(value: Any, name: str, kind: type) -> tuple:
 
 @dataclass(frozen=True)
 class QuantSpace:
-    """The per-layer option lists; defaults are the 432-option grid (algorithms.md §1.5).
+    """The per-layer option lists; defaults are the 432-option grid (docs/quantization.md).
 
     Numeric lists are kept sorted ascending and dtype1 in the order bf16, fp16, fp32, so ordinals
     (``index``) are monotone in the value.
@@ -297,7 +297,7 @@ class ModelQuantConfig(Mapping):
         return sum(qc.storage_bits() * self.numels[n] for n, qc in self.configs.items())
 
     def average_bits(self) -> float:
-        """Parameter-weighted mean storage bits over the layers (algorithms.md §1.4)."""
+        """Parameter-weighted mean storage bits over the layers (docs/quantization.md, "Storage")."""
         return self.total_bits() / sum(self.numels.values())
 
     def validate_names(self, names: Iterable[str]) -> None:

@@ -1,6 +1,6 @@
 """Diagonal empirical Fisher of target weights, for Fisher-weighted allocation errors.
 
-LQ-LoRA (research/algorithms.md §2.1): F = Σ_n (∂L_n/∂W)², summed — not averaged — over
+LQ-LoRA (arXiv 2311.12023 §3.4): F = Σ_n (∂L_n/∂W)², summed — not averaged — over
 single-example batches, accumulated in float32. The per-example gradient is what makes this the
 empirical Fisher: squaring the gradient of a batch mean would give a different (smaller, biased)
 quantity, so every batch must hold exactly one example.

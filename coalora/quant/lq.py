@@ -1,6 +1,6 @@
 """LQ-LoRA decomposition ``W ≈ Q + L1 L2`` and the LoRA initialisation it gives.
 
-LQ-LoRA (Guo et al., arXiv 2311.12023), §3 / Algorithm 1; research notes algorithms.md §3.1-3.4.
+LQ-LoRA (Guo et al., arXiv 2311.12023), §3 / Algorithm 1; docs/methods.md ("LQ-LoRA").
 Alternate, starting from ``Q = 0``:
 
     L1, L2 = SVD_r(W − Q)            (optionally Fisher-weighted, §3.3 row/col/two-sided heuristics)
@@ -9,7 +9,7 @@ Alternate, starting from ``Q = 0``:
 
 with ``L1 = U_r √S_r`` (d_out, r) and ``L2 = √S_r V_rᵀ`` (r, d_in).  We stop at the first iterate
 that does not improve the error and **return the best (previous) iterate** — the reference code
-returns the worse current one (algorithms.md §7.1-1).  ``quantize`` is injected, so this module
+returns the worse current one (a pitfall of the public reference code).  ``quantize`` is injected, so this module
 does not depend on which quantizer builds ``Q``; :func:`lq_residual_fn` binds our NF engine.
 
 In the model, the frozen base is ``Q`` and the LoRA starts at ``s·B·A = L1 L2`` with

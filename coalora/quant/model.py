@@ -1,6 +1,6 @@
 """Model-level quantization: find target linears, swap them for ``QuantLinear``, switch configs.
 
-DESIGN §3 / docs/architecture.md: target module names are full dotted names from
+docs/architecture.md ("Naming"): target module names are full dotted names from
 ``model.named_modules()`` before any wrapping; configurations are keyed by them. Embeddings, layer
 norms and heads are never targets unless a pattern names them.
 """
@@ -23,7 +23,7 @@ def target_linear_names(model: nn.Module, patterns: str | Iterable[str]) -> list
     """Names of the ``nn.Linear`` modules whose name ends with a pattern on a dotted boundary.
 
     ``"output.dense"`` matches both ``...attention.output.dense`` and ``...layer.0.output.dense``
-    (as in LQ-LoRA, algorithms.md §2.1) but not ``...output.dense_x`` or ``...routput.dense``; a
+    (as in LQ-LoRA, arXiv 2311.12023) but not ``...output.dense_x`` or ``...routput.dense``; a
     pattern may itself be a full name. Returned in ``named_modules()`` order, each once. Raises
     ``ValueError`` when nothing matches.
     """
@@ -41,6 +41,12 @@ def target_linear_names(model: nn.Module, patterns: str | Iterable[str]) -> list
 def _split(name: str) -> tuple[str, str]:
     parent, _, child = name.rpartition(".")
     return parent, child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` of ``model`` (the one module-replace helper)."""
+    parent, child = _split(name)
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def quantize_model(

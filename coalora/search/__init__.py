@@ -1,4 +1,4 @@
-"""Pareto search over per-layer quantization configurations (DESIGN §5, papers.md §1.5).
+"""Pareto search over per-layer quantization configurations (CoA-LoRA, arXiv 2509.25214 §4.3; docs/search.md).
 
 `configset`, `encoding` and `pareto` import eagerly and never import botorch (training reads
 configsets without the search stack); `bo` and `loop` (GP, qLogNEHVI, the search loop) load on

@@ -1,10 +1,10 @@
-"""Bayesian optimisation for the Pareto configuration search (papers.md §1.5, algorithms.md §4.7).
+"""Bayesian optimisation for the Pareto configuration search (CoA-LoRA, arXiv 2509.25214 §4.3; docs/search.md).
 
 * `fit_models`: one BoTorch ``SingleTaskGP`` per objective, each with its OWN kernel (the reference
   code shared one kernel object between both GPs, so fitting the second overwrote the first),
   inputs normalised by the fixed option bounds, ``Standardize(m=1)`` outcomes, float64.
 * `build_acquisition`: qLogNEHVI (fallback qLogEHVI) with a reference point inferred from the data
-  (never [0, 0], algorithms.md §7.2 item 7).
+  (never [0, 0], which would make every loss "dominated").
 * `finite_difference_search`: the paper's finite-difference guided coordinate search, batched (all
   ±1 neighbours in one acquisition call per step) and stopping when no single move improves the
   acquisition (the reference kept moving regardless).

@@ -1,4 +1,4 @@
-"""`configset.json`: the versioned hand-over from the search stage to training (DESIGN §5, STYLE 6).
+"""`configset.json`: the versioned hand-over from the search stage to training (docs/search.md, "configset.json").
 
 A ConfigSet holds the target layer names (in ``named_modules()`` order), their parameter counts,
 the option lists of the searched space, and entries: one configuration each (per-layer

@@ -1,4 +1,4 @@
-"""Integer vector encoding of a model configuration for the surrogate (algorithms.md §4.1).
+"""Integer vector encoding of a model configuration for the surrogate (docs/search.md).
 
 A configuration over N target layers becomes x in Z^{k N}: per layer, in layer order, the ordinal
 index of each encoded field's value in the space's option list (layer-major:
@@ -8,7 +8,7 @@ decode); ``fields`` restricts the encoding further (e.g. ``["bits"]``), in which
 fields are taken from a ``template`` configuration on decode.
 
 Bounds are ``[0, len(options) - 1]`` per dimension, from the option lists and never from the data
-(the reference code's data min/max gave 0/0 on constant dimensions, algorithms.md §7.2 item 9).
+(the reference code's data min/max gave 0/0 on constant dimensions).
 """
 
 from __future__ import annotations

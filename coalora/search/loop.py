@@ -1,4 +1,4 @@
-"""The Pareto configuration search loop (DESIGN §5, papers.md §1.5, algorithms.md §4.7-4.8).
+"""The Pareto configuration search loop (CoA-LoRA, arXiv 2509.25214 §4.3; docs/search.md).
 
 Score the initial pool, then per iteration: encode all observed configurations, fit one GP per
 objective (average bits, loss), build qLogNEHVI, propose new configurations (finite-difference

@@ -1,4 +1,5 @@
-"""``python evaluate.py ckpt=<run dir> eval.budgets=[2.5,3.0,3.5,4.0]`` (DESIGN §6).
+"""``python evaluate.py ckpt=<run dir> eval.budgets=[2.5,3.0,3.5,4.0]`` (docs/methods.md,
+"Evaluation protocol").
 
 For every budget: the allocation at that budget (data-free error table, the same configuration
 every method is scored on) plus held-out random configurations near it (CoA-LoRA's
@@ -20,11 +21,14 @@ import torch
 from omegaconf import DictConfig
 
 from coalora.data.metrics import build_metrics
+from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json
 from coalora.quant import ModelQuantConfig, QuantSpace
+from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
+from coalora.report.plots import plot_metric_vs_bits
 from coalora.stages.common import set_env_defaults, write_run_info
-from coalora.stages.restore import restore
+from coalora.stages.restore import load_run
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +85,26 @@ def write_predictions(path: Path, order: list[int], columns: dict[str, list]) ->
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     set_env_defaults()
-    run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir, with_data=True)
-    if cfg.eval.max_eval_samples:
-        run_cfg.task.max_eval_samples = int(cfg.eval.max_eval_samples)
-    dm = lit.ctx.datamodule
+    n_eval = cfg.eval.get("max_eval_samples")
+    if n_eval is not None and (
+        isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 1
+    ):
+        raise ConfigError(f"eval.max_eval_samples={n_eval!r} must be a positive integer or null")
+    run = load_run(cfg.ckpt, cache_dir=cfg.paths.cache_dir, with_data=True, max_eval_samples=n_eval)
+    run_cfg, lit, dm = run.cfg, run.lit, run.datamodule
     loader = dm.val_dataloader()
     method = lit.method
     out_dir = Path(cfg.paths.output_dir)
     write_run_info(cfg, out_dir, "evaluate", {"ckpt": str(cfg.ckpt)})
-    space = getattr(method, "space", None) or QuantSpace.from_cfg(run_cfg.quant.space)
-    from coalora.methods.pool import allocations
-
-    fixed = not hasattr(method, "apply")  # QLoRA, LQ-LoRA, QWHA, LoRA: one configuration
+    quant = lit.ctx.quant
+    space = quant.space
+    fixed = not method.switches_configs  # QLoRA, LQ-LoRA, QWHA, LoRA: one configuration
     if fixed:
         trained = method.config
         bits = 32.0 if trained is None else round(trained.average_bits(), 4)
         log.info("method=%s serves only its trained configuration (%g bits)", method.name, bits)
         allocs = {bits: trained}
-    else:
+    else:  # the run's own solver: the configuration training validated on at each budget
         weights = model_weights(lit.model, method.names)
         allocs = allocations(
             weights,
@@ -106,6 +112,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             space,
             Path(cfg.paths.cache_dir),
             run_cfg.model.name,
+            quant.solver,
         )
     rng = random.Random(cfg.eval.seed)
     rows = []
@@ -119,12 +126,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 cands.append((f"random{i}", r))
         for kind, config in cands:
             t0 = time.perf_counter()
-            method.on_eval_config(lit.model, f"{budget:g}", config)
-            adapt_ms = 1000 * (time.perf_counter() - t0)
-            preds = (
-                predictions.setdefault(f"{budget:g}", []) if keep and kind == "allocation" else None
-            )
-            m = score(lit, loader, run_cfg.task, preds)
+            with method.configured(lit.model, config):
+                adapt_ms = 1000 * (time.perf_counter() - t0)
+                preds = (
+                    predictions.setdefault(f"{budget:g}", [])
+                    if keep and kind == "allocation"
+                    else None
+                )
+                m = score(lit, loader, run_cfg.task, preds)
             rows.append(
                 {
                     "budget": budget,
@@ -135,7 +144,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 }
             )
             log.info("budget %.2f %s (%.3f bits): %s", budget, kind, rows[-1]["avg_bits"], m)
-    results = {"ckpt": str(cfg.ckpt), "method": run_cfg.method.name, "rows": rows}
+    results = {
+        "ckpt": str(cfg.ckpt),
+        "checkpoint": str(run.checkpoint),
+        "checkpoint_step": run.step,
+        "method": run_cfg.method.name,
+        "model": run_cfg.model.name,
+        "task": run_cfg.task.name,
+        "rows": rows,
+    }
     atomic_write_json(out_dir / "results.json", results)
     keys = list(rows[0].keys()) if rows else []
 
@@ -149,8 +166,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if predictions:
         order = list(getattr(loader.sampler, "order", range(len(loader.dataset))))
         write_predictions(out_dir / "predictions.csv", order, predictions)
-    from coalora.report.plots import plot_metric_vs_bits
-
     plot_metric_vs_bits({run_cfg.method.name: rows}, out_dir / "metric_vs_bits.png")
     for r in rows:
         print(

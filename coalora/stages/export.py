@@ -29,19 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 from torch import nn
 
-from coalora.adapters import LoRALinear, adapter_modules
+from coalora.adapters import AdapterLayer, LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
-from coalora.quant import ModelQuantConfig, QuantSpace, fake_quantize
+from coalora.methods import registry
+from coalora.quant import ModelQuantConfig, QuantLinear, fake_quantize
+from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
-from coalora.stages.restore import resolve_checkpoint, restore
+from coalora.stages.restore import load_run_config, resolve_checkpoint, restore
 
-PEFT_METHODS = ("lora", "qlora", "shared_lora", "coalora")
 FORMATS = ("auto", "peft", "merged")
+MARKER = "coalora_export.json"
 
 
 def export_configuration(
@@ -49,24 +51,25 @@ def export_configuration(
 ) -> ModelQuantConfig | None:
     q = cfg.quant
     method = lit.method
-    if not hasattr(method, "apply"):  # trained on one configuration: that is what it serves
+    if not method.switches_configs:  # trained on one configuration: that is what it serves
         return _trained_configuration(q, method)
     if q.mode == "file":
         if not q.file:
             raise ConfigError("quant=file needs quant.file=<configuration json>")
+        if not Path(q.file).is_file():
+            raise ConfigError(f"quant.file={q.file}: no such configuration file")
         config = ModelQuantConfig.from_json(q.file)
         config.validate_names(method.names)
         return config
     if q.mode == "budget":
         if q.budget is None:
             raise ConfigError("quant=budget needs quant.budget=<average bits>")
-        from coalora.methods.pool import allocations
-
-        space = getattr(method, "space", None) or QuantSpace.from_cfg(run_cfg.quant.space)
+        space = method.space
         weights = model_weights(lit.model, method.names)
         b = float(q.budget)
         cache = Path(cache_dir) if cache_dir else None
-        return allocations(weights, [b], space, cache, run_cfg.model.name, q.solver)[b]
+        # the run's own solver: the same configuration training validated on at this budget
+        return allocations(weights, [b], space, cache, run_cfg.model.name, lit.ctx.quant.solver)[b]
     raise ConfigError(f"export: quant={q.mode} is not allowed; allowed: ['budget', 'file']")
 
 
@@ -89,10 +92,26 @@ def _trained_configuration(q: DictConfig, method) -> ModelQuantConfig | None:
     return trained
 
 
+def _dequantized_weight(base: nn.Module) -> torch.Tensor | None:
+    """The weight a frozen base applies, in full precision, or None if it has no plain form."""
+    if isinstance(base, (nn.Linear, QuantLinear)):
+        return base.weight.detach().float()
+    return None
+
+
 @torch.no_grad()
 def effective_linear(module: nn.Module, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of a module that is affine in its input -- a quantized base plus any adapter, in
-    eval mode: b = f(0), W = (f(I) − f(0))ᵀ, so f(x) = x Wᵀ + b exactly up to float rounding."""
+    """(W, b) of an adapted layer in eval mode: W = deq(base) + ΔW from the adapter contract
+    (``delta_weight()``), b = the base bias. A base without a plain weight (bitsandbytes'
+    Linear4bit) is read off as an affine map instead: b = f(0), W = (f(I) − f(0))ᵀ."""
+    if isinstance(module, AdapterLayer):
+        base = module.get_base_layer()
+        w = _dequantized_weight(base)
+        if w is not None:
+            bias = getattr(base, "bias", None)
+            weight = w + (0 if module.merged else module.delta_weight().float())
+            b = torch.zeros(weight.shape[0]) if bias is None else bias.detach().float().clone()
+            return weight.contiguous(), b
     zero = module(torch.zeros(1, in_features))
     eye = module(torch.eye(in_features))
     return (eye - zero).T.contiguous(), zero[0].clone()
@@ -177,23 +196,59 @@ def adapter_config(run_cfg: DictConfig, names: list[str], head: list[str]) -> di
     }
 
 
-def model_card(run_cfg: DictConfig, config: ModelQuantConfig, source: str) -> str:
+def model_card(run_cfg: DictConfig, config: ModelQuantConfig | None, source: str) -> str:
+    base = (
+        f"* base: full precision ({run_cfg.quant.mode})\n"
+        if config is None
+        else f"* configuration: {source}, {config.average_bits():.4f} average bits over "
+        f"{len(config)} quantized linears (`quant_config.json`)\n"
+    )
     return (
         f"# coalora adapter: {run_cfg.method.name} on {run_cfg.model.name} / {run_cfg.task.name}\n\n"
-        f"* configuration: {source}, {config.average_bits():.4f} average bits over "
-        f"{len(config)} quantized linears (`quant_config.json`)\n"
-        f"* adapter: LoRA r={run_cfg.method.rank}, alpha={run_cfg.method.alpha} (PEFT format)\n\n"
+        + base
+        + f"* adapter: LoRA r={run_cfg.method.rank}, alpha={run_cfg.method.alpha} (PEFT format)\n\n"
         "Load: build the base, quantize it with `coalora.stages.export.load_quantized_base`, then\n"
         "`peft.PeftModel.from_pretrained(base, <this folder>)`. The adapter was fitted to this\n"
         "quantized base; on another configuration export again (CoA-LoRA adapts in milliseconds).\n"
     )
 
 
-def write_export(out_dir: Path, files: dict[str, Any]) -> Path:
-    """Write every file into a temp sibling directory, then rename it into place."""
-    out_dir = Path(out_dir)
+def _check_target(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
+    """Never replace what coalora did not write: an existing ``out_dir`` must be an export of
+    the same run (its marker file names the run) or ``overwrite=true`` must be given."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"out_dir={out_dir} is an existing file; choose a directory path")
+    if overwrite or not any(out_dir.iterdir()):
+        return
+    marker = out_dir / MARKER
+    try:
+        ours = json.loads(marker.read_text()).get("run_dir") == str(run_dir)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            f"out_dir={out_dir} exists and is not an export of this run; choose another "
+            "out_dir or pass overwrite=true to replace it"
+        )
+
+
+def write_export(
+    out_dir: Path, files: dict[str, Any], run_dir: Path | None = None, overwrite: bool = False
+) -> Path:
+    """Write every file into a temp sibling directory, then swap it in: the new directory is
+    renamed into place and only then the old export removed, so an interruption leaves either
+    the old or the new export whole."""
+    out_dir = Path(out_dir).resolve()
+    run_dir = Path(run_dir).resolve() if run_dir is not None else None
+    if run_dir is not None and (out_dir == run_dir or out_dir in run_dir.parents):
+        raise ConfigError(f"out_dir={out_dir} would replace the training run {run_dir}")
+    _check_target(out_dir, run_dir if run_dir is not None else out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
     try:
         for name, content in files.items():
             if isinstance(content, nn.Module):  # a transformers model: its own writer
@@ -206,13 +261,26 @@ def write_export(out_dir: Path, files: dict[str, Any]) -> Path:
                 (tmp / name).write_text(content)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        marker = {"run_dir": str(run_dir) if run_dir is not None else None, "files": sorted(files)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.replace(old, out_dir)  # put the previous export back
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_quantized_base(model: nn.Module, quant_config: str | Path | ModelQuantConfig) -> nn.Module:
@@ -230,34 +298,36 @@ def load_quantized_base(model: nn.Module, quant_config: str | Path | ModelQuantC
     return model
 
 
-def export_format(requested: str, method_name: str) -> str:
+def export_format(requested: str, method) -> str:
+    """The format to write: ``auto`` is the method's first declared export format."""
     if requested not in FORMATS:
         raise ConfigError(f"format={requested!r} is not allowed; allowed: {list(FORMATS)}")
+    formats = tuple(method.export_formats)
     if requested == "auto":
-        return "peft" if method_name in PEFT_METHODS else "merged"
-    if requested == "peft" and method_name not in PEFT_METHODS:
+        return formats[0]
+    if requested not in formats:
         raise ConfigError(
-            f"format=peft writes LoRA adapters; method={method_name} is not a LoRA method "
-            f"(peft supports {list(PEFT_METHODS)}): QWHA's adapter is a sparse Walsh-Hadamard "
-            "spectrum and LQ-LoRA's base is its own decomposition Q, not quant(W). "
-            "Use format=merged (allowed formats: ['auto', 'peft', 'merged'])"
+            f"format={requested} is not available for method={method.name}; allowed: "
+            f"{list(formats)} (QWHA's adapter is a sparse Walsh-Hadamard spectrum and LQ-LoRA's "
+            "base is its own decomposition Q, not quant(W): they export format=merged)"
         )
     return requested
 
 
 def run(cfg: DictConfig) -> Path:
-    run_cfg = OmegaConf.load(resolve_checkpoint(cfg.ckpt)[0] / "config.yaml")
-    fmt = export_format(str(cfg.get("format", "auto")), str(run_cfg.method.name))
+    requested = str(cfg.get("format", "auto"))
+    if requested not in FORMATS:
+        raise ConfigError(f"format={requested!r} is not allowed; allowed: {list(FORMATS)}")
+    run_dir, _ = resolve_checkpoint(cfg.ckpt)
+    run_cfg = load_run_config(run_dir)
+    fmt = export_format(requested, registry_method(run_cfg))
+    if cfg.out_dir:
+        _check_target(Path(cfg.out_dir).resolve(), run_dir.resolve(), bool(cfg.get("overwrite")))
     run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir)
     config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
     method = lit.method
-    if method.name == "coalora":
-        from coalora.methods.coalora import adapt
-
-        adapt(lit, config)
-    elif hasattr(method, "apply"):
-        method.apply(lit.model, config)
-    if not hasattr(method, "apply"):
+    method.adapt(lit.model, config)
+    if not method.switches_configs:
         source = "the trained configuration"
     elif cfg.quant.mode == "budget":
         source = f"budget {cfg.quant.budget}"
@@ -266,11 +336,6 @@ def run(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.paths.output_dir) / fmt_dir(fmt)
     files: dict[str, Any] = {}
     if fmt == "peft":
-        if config is None:
-            raise ConfigError(
-                f"format=peft needs a quantized base; method={method.name} ran on "
-                f"quant={run_cfg.quant.mode}: use format=merged"
-            )
         head = list(run_cfg.model.get("head_modules", ["classifier", "score"]))
         head = [h for h in head if any(n.split(".")[-1] == h for n, _ in lit.model.named_modules())]
         files["adapter_config.json"] = adapter_config(run_cfg, method.names, head)
@@ -284,7 +349,7 @@ def run(cfg: DictConfig) -> Path:
         files["README.md"] = merged_card(run_cfg, config, source)
     if config is not None:
         files["quant_config.json"] = config.to_dict()
-    write_export(out_dir, files)
+    write_export(out_dir, files, run_dir=run_dir, overwrite=bool(cfg.get("overwrite")))
     bits = None if config is None else config.average_bits()
     atomic_write_json(
         Path(cfg.paths.output_dir) / "export.json",
@@ -303,3 +368,11 @@ def run(cfg: DictConfig) -> Path:
 
 def fmt_dir(fmt: str) -> str:
     return "adapter" if fmt == "peft" else "merged"
+
+
+def registry_method(run_cfg: DictConfig):
+    """The method class a run was trained with (from the package registry, by name)."""
+    cls = registry().get(run_cfg.method.get("name"))
+    if cls is None:
+        raise ConfigError(f"method.name={run_cfg.method.get('name')!r} is not a coalora method")
+    return cls

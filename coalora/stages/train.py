@@ -11,84 +11,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from coalora.data import GlueDataModule
+from coalora.errors import CoaloraError, ConfigError
 from coalora.io import atomic_write_json
-from coalora.lit import CoaloraModule
-from coalora.methods import SetupContext, build_method
-from coalora.models import build_model, build_tokenizer, target_names
-from coalora.stages.common import (
-    AtomicCheckpointIO,
-    finish_wandb,
-    instantiate_dict,
-    set_env_defaults,
-    write_run_info,
-)
+from coalora.report.curves import plot_run_curves
+from coalora.stages.build import build_module, build_trainer, prepare
+from coalora.stages.common import finish_wandb, set_env_defaults, write_run_info
 
 log = logging.getLogger(__name__)
-
-
-def run_dir_of(cfg: DictConfig) -> Path:
-    try:
-        return Path(cfg.paths.output_dir)
-    except Exception:  # composed without Hydra's runtime (tests): paths.output_dir unresolvable
-        return Path(cfg.paths.log_dir) / "run"
-
-
-def build_datamodule(cfg: DictConfig, tokenizer) -> GlueDataModule:
-    dm = GlueDataModule(
-        task=cfg.task,
-        tokenizer=tokenizer,
-        data_dir=cfg.paths.data_dir,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
-        group_by_length=cfg.data.group_by_length,
-        allow_hub=cfg.data.allow_hub,
-    )
-    dm.setup("fit")  # fails early (one clear line) when the task's data cannot be found
-    return dm
-
-
-def prepare(cfg: DictConfig) -> tuple[Any, ...]:
-    """Validate and build (datamodule, model, method, ctx). Writes nothing."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    method = build_method(cfg)
-    method.check(cfg)
-    tokenizer = build_tokenizer(cfg.model)
-    dm = build_datamodule(cfg, tokenizer)
-    model = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
-    names = target_names(model, list(cfg.model.target_modules))
-    ctx = SetupContext(
-        cfg=cfg,
-        names=names,
-        datamodule=dm,
-        run_dir=run_dir_of(cfg),
-        cache_dir=Path(cfg.paths.cache_dir),
-    )
-    return dm, model, method, ctx
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    loggers = instantiate_dict(cfg.get("logger"))
-    callbacks = instantiate_dict(cfg.get("callbacks"))
-    refresh_every = cfg.method.get("search_refresh_every_n_epochs")
-    if refresh_every:  # paper mode: Pareto search between epochs (coalora.lit.search_refresh)
-        from coalora.lit.search_refresh import SearchRefreshCallback
-
-        callbacks.append(SearchRefreshCallback(refresh_every, cfg.method.search_refresh))
-    return instantiate(
-        cfg.trainer,
-        logger=loggers or False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        _convert_="partial",
-    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -96,20 +28,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     dm, model, method, ctx = prepare(cfg)
     run_dir = ctx.run_dir
+    check_fresh_run_dir(run_dir, cfg.get("ckpt_path"))
     t0 = time.perf_counter()
     method.setup(model, ctx)
     model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
     setup_s = time.perf_counter() - t0
-    lit = CoaloraModule(model, method, cfg.task, cfg.optim, ctx)
+    lit = build_module(cfg, model, method, ctx)
     n_train = sum(p.numel() for p in lit.parameters() if p.requires_grad)
     write_run_info(
         cfg, run_dir, "train", {"trainable_parameters": n_train, "target_layers": len(ctx.names)}
     )
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg)
     try:
         t1 = time.perf_counter()
         trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path)
         fit_s = time.perf_counter() - t1
+        if trainer.received_sigterm:
+            raise Interrupted(stop_on_sigterm(trainer, run_dir))
         metrics = dict(lit.last_val)
         if cfg.final_eval and lit.last_val_step != trainer.global_step:
             trainer.validate(lit, datamodule=dm, verbose=False)
@@ -131,11 +66,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "results.json", results)
-        from coalora.report.curves import plot_run_curves
-
         plot_run_curves(run_dir)
         print_summary(results)
     return results
+
+
+class Interrupted(CoaloraError):
+    """The run was stopped by a signal; a resumable checkpoint was written."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+
+
+def check_fresh_run_dir(run_dir, ckpt_path) -> None:
+    """A new run never writes into another run's directory (its last.ckpt and results would mix
+    with ours); resuming (``ckpt_path``) continues the run that owns it."""
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return
+    taken = [f for f in ("run_info.json", "results.json", "checkpoints") if (run_dir / f).exists()]
+    if taken:
+        raise ConfigError(
+            f"the run directory {run_dir} already holds another run ({', '.join(taken)}); "
+            "choose a new hydra.run.dir, or resume it with ckpt_path=<run>/checkpoints/last.ckpt"
+        )
+
+
+def stop_on_sigterm(trainer, run_dir) -> str:
+    """Write a resumable last.ckpt at the step reached and say how to resume."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    return (
+        f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={ckpt} "
+        "(no results were written)"
+    )
 
 
 def print_summary(results: dict[str, Any]) -> None:

@@ -16,13 +16,16 @@ def test_delta_matches_dense_delta_weight_with_mix():
     torch.manual_seed(0)
     lora = LoRALinear(nn.Linear(16, 12), r=4, alpha=8)
     nn.init.normal_(lora.lora_B)
-    lora.mix = torch.eye(4) + 0.1 * torch.randn(4, 4)
+    mix = torch.eye(4) + 0.1 * torch.randn(4, 4)
     x = torch.randn(7, 16)
-    dense = x @ lora.delta_weight().T
-    torch.testing.assert_close(lora.delta(x), dense, rtol=1e-5, atol=1e-5)
-    # s * B M A with s = alpha / r
-    expected = 2.0 * lora.lora_B @ lora.mix @ lora.lora_A
-    torch.testing.assert_close(lora.delta_weight(), expected)
+    with lora.mixing(mix):
+        dense = x @ lora.delta_weight().T
+        torch.testing.assert_close(lora.delta(x), dense, rtol=1e-5, atol=1e-5)
+        # s * B M A with s = alpha / r
+        expected = 2.0 * lora.lora_B @ mix @ lora.lora_A
+        torch.testing.assert_close(lora.delta_weight(), expected)
+    # outside the block the layer is plain LoRA again
+    torch.testing.assert_close(lora.delta_weight(), 2.0 * lora.lora_B @ lora.lora_A)
 
 
 def test_inject_wraps_named_modules_only():

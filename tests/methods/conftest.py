@@ -43,13 +43,12 @@ def tiny_cfg(tmp_path, shared_cache):
 @pytest.fixture()
 def built(tiny_cfg):
     """(cfg, lit) for a method, set up but untrained."""
-    from coalora.lit import CoaloraModule
-    from coalora.stages.train import prepare
+    from coalora.stages.build import build_module, prepare
 
     def _built(overrides: list[str]):
         cfg = tiny_cfg(overrides)
         dm, model, method, ctx = prepare(cfg)
         method.setup(model, ctx)
-        return cfg, CoaloraModule(model, method, cfg.task, cfg.optim, ctx), dm
+        return cfg, build_module(cfg, model, method, ctx), dm
 
     return _built

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from coalora import adapt
 from coalora.adapters import LoRALinear
-from coalora.methods.coalora import adapt
 
 POOL = ["method.pool.start=3.0", "method.pool.stop=4.2", "method.pool.step=0.4"]
 
@@ -27,11 +27,9 @@ def test_zero_mapper_equals_plain_lora(built):
     config = method.train_set[0]
     lit.model.eval()
     with torch.no_grad():
-        method.apply(lit.model, config)
-        with_mapper = lit.model(**batch).logits
-        for lora in method.loras:
-            lora.mix = None
-        plain = lit.model(**batch).logits
+        with method.configured(lit.model, config):
+            with_mapper = lit.model(**batch).logits
+        plain = lit.model(**batch).logits  # same base configuration, no mixing
     torch.testing.assert_close(with_mapper, plain)
 
 
@@ -45,10 +43,10 @@ def test_folded_adapter_equals_unfolded_forward(built):
     config = method.eval_set["3"]
     lit.model.eval()
     with torch.no_grad():
-        method.apply(lit.model, config)
-        unfolded = lit.model(**batch).logits
+        with method.configured(lit.model, config):
+            unfolded = lit.model(**batch).logits
         adapt(lit, config)
-        assert all(lo.mix is None and lo.folded_B is not None for lo in method.loras)
+        assert all(lo.folded for lo in method.loras)
         folded = lit.model(**batch).logits
     torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
 
@@ -58,7 +56,7 @@ def test_training_step_updates_lora_and_mapper_only(built):
     lit.model.train()
     for lora in lit.method.loras:  # B = 0 at init blocks the gradient of A and of the mapper
         torch.nn.init.normal_(lora.lora_B, std=0.05)
-    loss = lit.method.training_loss(lit, batch_of(dm))
+    loss = lit.method.training_loss(lit.model, batch_of(dm), lit.global_step)
     loss.backward()
     grads = {n for n, p in lit.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("lora_A" in n for n in grads) and any("mapper" in n for n in grads)
@@ -126,9 +124,9 @@ def test_peft_export_round_trip_gives_equal_logits(built, tmp_path, method):
 )
 def test_quant_block_is_checked_before_anything_loads(tiny_cfg, overrides, needle):
     from coalora.errors import ConfigError
-    from coalora.methods import build_method
+    from coalora.stages.build import check_run
 
     cfg = tiny_cfg(overrides)
     with pytest.raises(ConfigError) as e:
-        build_method(cfg).check(cfg)
+        check_run(cfg)
     assert needle in str(e.value)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import run_entry
 
 from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.methods.lq_lora import DecomposedQuantLinear
 from coalora.methods.lq_table import lq_error_table
 from coalora.quant import QuantConfig, QuantSpace, build_error_table, fake_quantize, model_weights
-from coalora.testing import run_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIFORM3 = ["quant=uniform", "quant.config.bits=3"]
@@ -80,7 +80,7 @@ def test_step0_output_closer_to_fp_than_qlora(built):
 def test_gradients_reach_only_lora_and_head(built):
     _, lit, dm = built(["method=lq_lora"])
     lit.model.train()
-    loss = lit.method.training_loss(lit, next(iter(dm.train_dataloader())))
+    loss = lit.method.training_loss(lit.model, next(iter(dm.train_dataloader())), 0)
     loss.backward()
     trainable = {n for n, p in lit.named_parameters() if p.requires_grad}
     assert all("lora_" in n or "classifier" in n for n in trainable)
@@ -131,7 +131,7 @@ def test_pruned_table_never_prefers_a_dominated_option(built):
     ],
 )
 def test_bad_combinations_fail_clearly(tiny_cfg, overrides, needle):
-    from coalora.stages.train import prepare
+    from coalora.stages.build import prepare
 
     cfg = tiny_cfg(["method=lq_lora", *overrides])
     with pytest.raises(ConfigError, match="allowed|unknown") as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import run_entry
 
 from coalora.adapters import WHTAdapterLinear, adapter_modules
 from coalora.adapters.qwha_init import GramCollector, output_error
@@ -15,7 +16,6 @@ from coalora.errors import ConfigError
 from coalora.methods.qwha import FusedWHTAdapterLinear
 from coalora.models import build_model
 from coalora.quant import QuantLinear
-from coalora.testing import run_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIFORM3 = ["quant=uniform", "quant.config.bits=3"]
@@ -86,7 +86,7 @@ def test_fused_forward_equals_unfused(built):
 def test_gradients_reach_only_spectra_and_head(built):
     _, lit, dm = built(["method=qwha"])
     lit.model.train()
-    loss = lit.method.training_loss(lit, next(iter(dm.train_dataloader())))
+    loss = lit.method.training_loss(lit.model, next(iter(dm.train_dataloader())), 0)
     loss.backward()
     trainable = {n for n, p in lit.named_parameters() if p.requires_grad}
     assert all(n.endswith(".spectrum") or "classifier" in n for n in trainable)
@@ -117,7 +117,7 @@ def test_positions_round_trip_through_method_state(built):
     ],
 )
 def test_bad_combinations_fail_clearly(tiny_cfg, overrides, needle):
-    from coalora.stages.train import prepare
+    from coalora.stages.build import prepare
 
     with pytest.raises(ConfigError) as err:
         prepare(tiny_cfg(["method=qwha", *overrides]))

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from coalora.quant import NF4, ModelQuantConfig, QuantConfig, build_cache, build_model_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "quant"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 KEYS = {
     "mode",
     "space",
@@ -19,13 +20,16 @@ KEYS = {
     "file",
     "solver",
     "fisher",
+    "fisher_examples",
     "cache_limit_mb",
     "table_cache",
 }
 
 
 def load(name: str, **overrides):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    """The quant group option ``name`` as Hydra composes it (shared keys + the option's own)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"quant={name}", "method=lora"]).quant
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg

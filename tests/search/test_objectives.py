@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from coalora.errors import ConfigError
 from coalora.search.objectives import CalibrationObjective
+from coalora.stages.search import build_objective
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -38,7 +39,7 @@ def cache(tmp_path_factory) -> Path:
 def fresh(cache, tmp_path_factory):
     """(search cfg, fresh-head objective) built once for the module."""
     cfg = compose_cfg("search", ["search=quick", *POOL], cache, tmp_path_factory.mktemp("out"))
-    objective, _ = CalibrationObjective.fresh(cfg)
+    objective, _ = build_objective(cfg)
     return cfg, objective
 
 
@@ -64,8 +65,7 @@ def test_fresh_objective_is_deterministic_and_leaves_the_mode(fresh):
 def test_objective_uses_the_trained_adapter(fresh, cache, tmp_path):
     """A checkpoint's adapters, mapper and head are what is scored: the restored objective equals
     the in-memory perturbed model and differs from the fresh-head objective."""
-    from coalora.lit import CoaloraModule
-    from coalora.stages.train import prepare
+    from coalora.stages.build import build_module, prepare
 
     search_cfg, fresh_obj = fresh
     cfg = compose_cfg(
@@ -82,7 +82,7 @@ def test_objective_uses_the_trained_adapter(fresh, cache, tmp_path):
     )
     dm, model, method, ctx = prepare(cfg)
     method.setup(model, ctx)
-    lit = CoaloraModule(model, method, cfg.task, cfg.optim, ctx)
+    lit = build_module(cfg, model, method, ctx)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # "training": move the adapters, the mapper and the head
         for p in lit.parameters():
@@ -96,7 +96,7 @@ def test_objective_uses_the_trained_adapter(fresh, cache, tmp_path):
         run_dir / "checkpoints" / "last.ckpt",
     )
 
-    restored, _ = CalibrationObjective.from_checkpoint(search_cfg, run_dir)
+    restored, _ = build_objective(OmegaConf.merge(search_cfg, {"ckpt": str(run_dir)}))
     live = CalibrationObjective(lit.model, lit.method, fresh_obj.batches)
     config = fresh_obj.method.train_set[1]
     for a, b in zip(restored.batches, fresh_obj.batches):  # the same fixed calibration batches
@@ -105,9 +105,10 @@ def test_objective_uses_the_trained_adapter(fresh, cache, tmp_path):
     assert loss_ckpt == pytest.approx(loss_live, rel=1e-6)
     assert abs(loss_ckpt - loss_fresh) > 1e-3
     assert restored(config) == loss_ckpt
-    assert all(lo.mix is not None for lo in restored.method.loras)  # the mapper was applied
-    restored.release()
-    assert all(lo.mix is None for lo in restored.method.loras)
+    # the mapper was applied inside the score and nothing is left behind after it
+    assert all(lo._mix is None and not lo.folded for lo in restored.method.loras)
+    with restored.method.configured(restored.model, config):
+        assert all(lo._mix is not None for lo in restored.method.loras)
 
 
 def test_objective_rejects_a_fixed_configuration_method(fresh):

@@ -145,7 +145,7 @@ def test_checkpoint_of_another_model_is_one_clear_line(cache, tmp_path):
     (trained / "checkpoints" / "last.ckpt").write_bytes(b"")
     (trained / "config.yaml").write_text(
         "model: {name: minilm_l6}\ntask: {name: sst2}\n"
-        "method: {name: coalora, _target_: coalora.methods.coalora.CoALoRA}\nquant: {space: {}}\n"
+        "method: {name: coalora}\nquant: {space: {}}\n"
     )
     run_dir = tmp_path / "run"
     r = run_cli("search.py", [*QUICK, f"ckpt={trained}"], run_dir, cache)
@@ -197,9 +197,8 @@ def test_wandb_offline_logs_table_and_artifact(cache, tmp_path, monkeypatch):
 
 
 def test_refresh_callback_swaps_the_training_set(cache, tmp_path):
-    from coalora.lit import CoaloraModule
     from coalora.lit.search_refresh import SearchRefreshCallback
-    from coalora.stages.train import build_trainer, prepare
+    from coalora.stages.build import build_module, build_trainer, prepare
 
     os.environ.setdefault("COALORA_LOGEI_FUSED", "0")
     pool = ["method.pool.start=2.5", "method.pool.stop=4.5", "method.pool.step=0.5"]
@@ -217,12 +216,12 @@ def test_refresh_callback_swaps_the_training_set(cache, tmp_path):
         tmp_path,
     )
     run_dir = Path(cfg.paths.output_dir)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg)
     callbacks = [c for c in trainer.callbacks if isinstance(c, SearchRefreshCallback)]
     assert len(callbacks) == 1 and callbacks[0].every == 1
     dm, model, method, ctx = prepare(cfg)
     method.setup(model, ctx)
-    lit = CoaloraModule(model, method, cfg.task, cfg.optim, ctx)
+    lit = build_module(cfg, model, method, ctx)
     before = list(method.train_set)
     cb = callbacks[0]
     res = cb.refresh(lit, epoch=1)
@@ -231,7 +230,7 @@ def test_refresh_callback_swaps_the_training_set(cache, tmp_path):
     saved = ConfigSet.load(run_dir / "configset_epoch1.json", expected_names=method.names)
     assert sum(e.pareto for e in saved.entries) == len(selected)
     assert cb.history[-1]["train_set_size"] == len(selected)
-    assert all(lo.mix is None for lo in method.loras)  # no stale no-grad mixing left behind
+    assert all(lo._mix is None for lo in method.loras)  # no stale no-grad mixing left behind
     # resume: a new callback restores the selection from the checkpointed state
     method.set_training_set(before)
     fresh = SearchRefreshCallback(1, cfg.method.search_refresh)

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from coalora.testing import run_entry
+from support import run_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"

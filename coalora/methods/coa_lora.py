@@ -1,34 +1,34 @@
 """CoA-LoRA (configuration-aware LoRA, arXiv 2509.25214): one LoRA + a mapper from each layer's
-quantization configuration to an r x r adjustment, ΔW_l = s · B_l (I + γ U(c_l)) A_l.
+quantization configuration to an r x r adjustment, ΔW_l = s · B_l (I + γ U(c_l)) A_l (§3).
 
 Training draws k configurations per step (see :mod:`coalora.methods.multiconfig`); for each, the
 base is switched through the dequantization cache and the mapper is evaluated for all layers in
-one batched call. Adapting to a new configuration (:func:`adapt`) is one mapper call plus folding
-B' = B (I + γU) per layer — no training.
+one batched call. Adapting to a new configuration (:meth:`CoALoRA.adapt`) is one mapper call plus
+folding B' = B (I + γU) per layer — no training.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from coalora.adapters.mapper import ConfigMapper
-from coalora.methods.base import SetupContext
+from coalora.methods.base import MethodContext
 from coalora.methods.multiconfig import MultiConfigMethod
-from coalora.models import layer_index, module_type
-from coalora.quant import ModelQuantConfig, set_model_config
+from coalora.quant import ModelQuantConfig
 
 
 class CoALoRA(MultiConfigMethod):
     name = "coalora"
 
-    def setup(self, model: nn.Module, ctx: SetupContext) -> None:
+    def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         super().setup(model, ctx)
-        patterns = list(ctx.cfg.model.target_modules)
-        types = sorted({module_type(n, patterns) for n in self.names})
-        positions = [layer_index(n) for n in self.names]
+        types = sorted(set(ctx.module_types))
+        positions = list(ctx.positions)
         m = self.cfg.mapper
         sizes = {
             "bits": len(self.space.bits),
@@ -36,10 +36,10 @@ class CoALoRA(MultiConfigMethod):
             "dtype1": len(self.space.dtype1),
             "block0": len(self.space.block0),
             "block1": len(self.space.block1),
-            "position": max(int(ctx.cfg.model.num_layers), max(positions) + 1),
+            "position": max(int(ctx.num_layers), max(positions) + 1),
             "module": len(types),
         }
-        torch.manual_seed(int(ctx.cfg.seed))
+        torch.manual_seed(int(ctx.seed))
         self.mapper = ConfigMapper(
             sizes,
             rank=int(self.cfg.rank),
@@ -50,7 +50,7 @@ class CoALoRA(MultiConfigMethod):
         )
         # (L, 2) static columns: block index and module type of every target layer
         self._static = torch.tensor(
-            [[p, types.index(module_type(n, patterns))] for n, p in zip(self.names, positions)]
+            [[p, types.index(t)] for t, p in zip(ctx.module_types, positions, strict=True)]
         )
         self._index_cache: dict[int, tuple[ModelQuantConfig, torch.Tensor]] = {}
 
@@ -74,36 +74,26 @@ class CoALoRA(MultiConfigMethod):
         device = self.mapper.fc1.weight.device
         return self.mapper(self.config_index(config).to(device))
 
-    def apply(self, model: nn.Module, config: ModelQuantConfig) -> None:
-        set_model_config(model, config, self.qlayers)
-        mix = self.mixing(config)
-        for i, lora in enumerate(self.loras):
-            lora.folded_B = None
-            lora.mix = mix[i]
+    @contextlib.contextmanager
+    def configured(self, model: nn.Module, config: ModelQuantConfig | None) -> Iterator[nn.Module]:
+        with super().configured(model, config), contextlib.ExitStack() as stack:
+            mix = self.mixing(config)  # (L, r, r)
+            for i, lora in enumerate(self.loras):
+                lora.unfold()
+                stack.enter_context(lora.mixing(mix[i]))
+            yield model
 
-    def after_eval(self, model: nn.Module) -> None:
-        for lora in self.loras:  # validation ran under no_grad: drop its detached matrices
-            lora.mix = None
+    @torch.no_grad()
+    def adapt(self, model: nn.Module, config: ModelQuantConfig | None) -> nn.Module:
+        """Zero-cost adaptation: switch the base and fold B' = B (I + γU(c_l)) into every
+        adapter; the adapters then behave as plain LoRA with B' (the PEFT export)."""
+        super().adapt(model, config)
+        mix = self.mixing(config)  # (L, r, r)
+        for i, lora in enumerate(self.loras):
+            lora.fold(mix[i])
+        return model
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out["mapper_parameters"] = sum(p.numel() for p in self.mapper.parameters())
         return out
-
-
-@torch.no_grad()
-def adapt(holder, configuration: ModelQuantConfig) -> nn.Module:
-    """Zero-cost adaptation: switch the base of a trained CoA-LoRA model to ``configuration`` and
-    fold B' = B (I + γU(c_l)) into every adapter. ``holder`` is the :class:`CoaloraModule` (or any
-    object with ``.model`` and a :class:`CoALoRA` ``.method``). Returns the adapted HF model; its
-    adapters now behave as plain LoRA with B' (export with :mod:`coalora.stages.export`)."""
-    method, model = holder.method, holder.model
-    if not isinstance(method, CoALoRA):
-        raise TypeError(f"adapt() needs a CoA-LoRA model, got method={type(method).__name__}")
-    configuration.validate_names(method.names)
-    set_model_config(model, configuration, method.qlayers)
-    mix = method.mixing(configuration)  # (L, r, r)
-    for i, lora in enumerate(method.loras):
-        lora.mix = None
-        lora.folded_B = lora.lora_B @ mix[i]  # (d_out, r)
-    return model

@@ -1,4 +1,4 @@
-"""Helpers for the test suite: run an entry point of this repository in a subprocess, offline."""
+"""Test-suite helpers (tests only): run an entry point of this repository in a subprocess, offline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # tests/ -> the repository
 
 
 def run_entry(

@@ -1,0 +1,182 @@
+"""Run assembly: everything that turns a composed config into the parts of a run — run directory,
+tokenizer, datamodule, model, method (+ its context), LightningModule and Trainer. ``train``,
+``restore``, ``search`` and ``evaluate`` all build through here (docs/architecture.md).
+
+Order matters for "nothing half-written": :func:`check_run` validates every cheap thing (method,
+quant settings, data and optimisation keys) before any model or data is loaded, and nothing here
+writes to the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from coalora.data import GlueDataModule
+from coalora.errors import ConfigError
+from coalora.lit import FinetuneModule
+from coalora.lit.module import SCHEDULES
+from coalora.lit.search_refresh import SearchRefreshCallback
+from coalora.methods import Method, MethodContext, build_method
+from coalora.models import build_model, build_tokenizer, layer_index, module_type, target_names
+from coalora.quant import QuantSettings
+from coalora.stages.common import AtomicCheckpointIO, instantiate_dict
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception:  # composed without Hydra's runtime (tests): paths.output_dir unresolvable
+        return Path(cfg.paths.log_dir) / "run"
+
+
+# ---------------------------------------------------------------- validation (nothing built)
+def _int(cfg: Any, key: str, minimum: int, where: str) -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"{where}.{key}={v!r} must be an integer >= {minimum}")
+    return v
+
+
+def _number(cfg: Any, key: str, where: str, positive: bool = False) -> float:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and not v > 0) or v < 0:
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{where}.{key}={v!r} must be a number {bound}")
+    return float(v)
+
+
+def check_data(cfg: DictConfig) -> None:
+    if isinstance(cfg.get("seed"), bool) or not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
+    d = cfg.data
+    _int(d, "batch_size", 1, "data")
+    _int(d, "eval_batch_size", 1, "data")
+    _int(d, "num_workers", 0, "data")
+
+
+def check_optim(cfg: DictConfig) -> None:
+    o = cfg.optim
+    if o.get("schedule") not in SCHEDULES:
+        raise ConfigError(
+            f"optim.schedule={o.get('schedule')!r} is not allowed; allowed: {list(SCHEDULES)}"
+        )
+    _number(o, "lr", "optim", positive=True)
+    _number(o, "weight_decay", "optim")
+    ratio = _number(o, "warmup_ratio", "optim")
+    if ratio >= 1:
+        raise ConfigError(f"optim.warmup_ratio={ratio} must be in [0, 1)")
+    if o.get("warmup_steps") is not None:
+        _int(o, "warmup_steps", 0, "optim")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    steps, epochs = t.get("max_steps"), t.get("max_epochs")
+    for key, v in (("max_steps", steps), ("max_epochs", epochs)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < -1 or v == 0):
+            raise ConfigError(f"trainer.{key}={v!r} must be a positive integer or -1 (no limit)")
+    if (steps is None or steps == -1) and (epochs is None or epochs == -1):
+        raise ConfigError(
+            "trainer.max_steps and trainer.max_epochs are both unlimited (-1): set one of them"
+        )
+    v = t.get("val_check_interval")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        raise ConfigError(
+            f"trainer.val_check_interval={v!r} must be a step count >= 1 or an epoch fraction in "
+            "(0, 1]"
+        )
+    if isinstance(v, float) and v > 1:
+        raise ConfigError(f"trainer.val_check_interval={v!r}: a fraction of an epoch must be <= 1")
+
+
+def check_run(cfg: DictConfig) -> tuple[Method, QuantSettings]:
+    """Validate the method, its quant pairing and the cheap run keys; build nothing."""
+    quant = QuantSettings.from_cfg(cfg.quant)
+    method = build_method(cfg.method)
+    method.check(quant)
+    check_data(cfg)
+    if "optim" in cfg:
+        check_optim(cfg)
+    if "trainer" in cfg:
+        check_trainer(cfg)
+    return method, quant
+
+
+# ---------------------------------------------------------------- builders
+def build_datamodule(cfg: DictConfig, tokenizer) -> GlueDataModule:
+    dm = GlueDataModule(
+        task=cfg.task,
+        tokenizer=tokenizer,
+        data_dir=cfg.paths.data_dir,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        group_by_length=cfg.data.group_by_length,
+        allow_hub=cfg.data.allow_hub,
+    )
+    dm.setup("fit")  # fails early (one clear line) when the task's data cannot be found
+    return dm
+
+
+def method_context(
+    cfg: DictConfig,
+    model,
+    quant: QuantSettings,
+    datamodule: Any = None,
+    run_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> MethodContext:
+    """What a method may use: target names and layer structure, seed, data, cache."""
+    patterns = list(cfg.model.target_modules)
+    names = target_names(model, patterns)
+    return MethodContext(
+        names=names,
+        quant=quant,
+        seed=int(cfg.seed),
+        model_name=str(cfg.model.name),
+        task_name=str(cfg.task.name),
+        positions=[layer_index(n) for n in names],
+        module_types=[module_type(n, patterns) for n in names],
+        num_layers=int(cfg.model.get("num_layers", 0) or 0),
+        head_modules=list(cfg.model.get("head_modules", ["classifier", "score"])),
+        batch_size=int(cfg.data.batch_size) if "data" in cfg else 32,
+        calibration=None if datamodule is None else datamodule.calibration_batches,
+        cache_dir=Path(cache_dir or cfg.paths.cache_dir),
+        run_dir=run_dir,
+    )
+
+
+def prepare(cfg: DictConfig, with_data: bool = True) -> tuple[Any, Any, Method, MethodContext]:
+    """Validate and build (datamodule, model, method, ctx); the method is not set up yet.
+    Writes nothing."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    method, quant = check_run(cfg)
+    dm = build_datamodule(cfg, build_tokenizer(cfg.model)) if with_data else None
+    model = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
+    ctx = method_context(cfg, model, quant, dm, run_dir_of(cfg))
+    return dm, model, method, ctx
+
+
+def build_module(cfg: DictConfig, model, method: Method, ctx: MethodContext) -> FinetuneModule:
+    return FinetuneModule(model, method, cfg.task, cfg.optim, ctx)
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    refresh_every = cfg.method.get("search_refresh_every_n_epochs")
+    if refresh_every:  # paper mode: Pareto search between epochs (coalora.lit.search_refresh)
+        callbacks.append(SearchRefreshCallback(refresh_every, cfg.method.search_refresh))
+    return instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        _convert_="partial",
+    )

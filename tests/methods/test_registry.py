@@ -1,0 +1,77 @@
+"""Methods come from the package's own registry, the config group and the registry agree, and
+the smallest method of docs/architecture.md plugs into the shared machinery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from coalora.adapters import LoRALinear
+from coalora.errors import ConfigError
+from coalora.methods import Method, build_method, registry
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_method_yaml_names_a_registered_class_and_back():
+    names = {OmegaConf.load(p).method.name for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    assert names == set(registry())
+    for name, cls in registry().items():
+        assert issubclass(cls, Method) and cls.name == name
+        assert cls.export_formats and set(cls.export_formats) <= {"peft", "merged"}
+
+
+def test_capabilities_are_declared():
+    methods = registry()
+    assert {n for n, c in methods.items() if c.switches_configs} == {"coalora", "shared_lora"}
+    assert methods["qwha"].export_formats == ("merged",)
+    assert methods["lq_lora"].export_formats == ("merged",)
+    assert methods["qlora"].export_formats[0] == "peft"
+
+
+def test_a_dotted_target_in_a_config_is_never_imported(tmp_path, monkeypatch):
+    evil = tmp_path / "evil_module_for_coalora.py"
+    marker = tmp_path / "ran"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('x')\nclass X: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = OmegaConf.create({"name": "evil", "_target_": "evil_module_for_coalora.X"})
+    with pytest.raises(ConfigError, match="not a coalora method"):
+        build_method(cfg)
+    # a known name with a hostile _target_ builds the registered class and imports nothing
+    cfg = OmegaConf.create({"name": "lora", "_target_": "evil_module_for_coalora.X", "rank": 2})
+    assert type(build_method(cfg)).__name__ == "LoRA"
+    assert not marker.exists()
+
+
+class NoisyLoRA(Method):
+    """The example of docs/architecture.md ("Methods"), verbatim."""
+
+    name = "noisy_lora"
+
+    def inject_adapters(self, model, ctx):
+        super().inject_adapters(model, ctx)
+        g = torch.Generator().manual_seed(ctx.seed)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                with torch.no_grad():
+                    m.lora_B.copy_(1e-3 * torch.randn(m.lora_B.shape, generator=g))
+
+
+def test_the_documented_smallest_method_trains_through_the_shared_machinery(tiny_cfg):
+    from coalora.stages.build import build_module, prepare
+
+    cfg = tiny_cfg(["method=qlora", "quant=nf4"])
+    dm, model, _, ctx = prepare(cfg)
+    method = NoisyLoRA(cfg.method)
+    method.check(ctx.quant)
+    method.setup(model, ctx)
+    lit = build_module(cfg, model, method, ctx)
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert loras and all(float(m.lora_B.abs().max()) > 0 for m in loras)
+    loss = method.training_loss(lit.model, next(iter(dm.train_dataloader())), 0)
+    loss.backward()
+    trained = {n for n, p in lit.named_parameters() if p.grad is not None}
+    assert trained and all(("lora_" in n or "classifier" in n) for n in trained)
