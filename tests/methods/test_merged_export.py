@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from coalora.adapters import LoRALinear, adapter_modules
+from coalora.methods import registry
 from coalora.errors import ConfigError
 from coalora.stages.export import (
     effective_linear,
@@ -74,12 +75,13 @@ def test_effective_linear_of_a_plain_linear_is_its_weights():
 
 
 def test_formats_and_fixed_configurations_fail_clearly(built):
-    assert export_format("auto", "qwha") == "merged"
-    assert export_format("auto", "coalora") == "peft"
+    methods = registry()
+    assert export_format("auto", methods["qwha"]) == "merged"
+    assert export_format("auto", methods["coalora"]) == "peft"
     with pytest.raises(ConfigError, match=r"allowed: \['auto', 'peft', 'merged'\]"):
-        export_format("onnx", "coalora")
+        export_format("onnx", methods["coalora"])
     with pytest.raises(ConfigError, match="format=merged"):
-        export_format("peft", "lq_lora")
+        export_format("peft", methods["lq_lora"])
     cfg, lit, _ = built(["method=qwha", *UNIFORM3])
     trained = lit.method.config
     ask = OmegaConf.create({"quant": {"mode": "budget", "budget": None}})
