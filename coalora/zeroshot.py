@@ -101,6 +101,16 @@ def _metrics(block: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def add_bos_policy(tokenizer) -> bool | None:
+    """lm-eval's ``add_bos_token`` for this tokenizer: None (the tokenizer's default, e.g. the
+    LLaMA BOS) when its special tokens are a prefix only; False when it also appends tokens
+    (a BERT-style ``[SEP]``), because lm-eval splits context and continuation by position in
+    the jointly encoded string, which a suffix token would shift."""
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b")["input_ids"]
+    return None if full[len(full) - len(plain) :] == plain else False
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer,
@@ -136,7 +146,11 @@ def run_lm_eval(
     model.eval()
     try:
         lm = HFLM(
-            pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            add_bos_token=add_bos_policy(tokenizer),
         )
         out = simple_evaluate(
             model=lm,

@@ -98,3 +98,23 @@ def test_missing_lm_eval_is_one_line(monkeypatch):
     ) as e:
         zeroshot.require_lm_eval()
     assert "\n" not in str(e.value)
+
+
+class _Tok:
+    """A callable tokenizer stub: whitespace ids, with specials as a prefix and/or suffix."""
+
+    def __init__(self, prefix, suffix):
+        self.prefix, self.suffix = prefix, suffix
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [len(w) for w in text.split()]
+        if add_special_tokens:
+            ids = self.prefix + ids + self.suffix
+        return {"input_ids": ids}
+
+
+def test_bos_policy_keeps_prefix_specials_and_drops_suffix_ones(tiny):
+    assert zeroshot.add_bos_policy(_Tok([], [])) is None  # SmolLM2 / Qwen: no specials
+    assert zeroshot.add_bos_policy(_Tok([1], [])) is None  # LLaMA: BOS prefix, lm-eval keeps it
+    assert zeroshot.add_bos_policy(_Tok([101], [102])) is False  # BERT-style [SEP] suffix
+    assert zeroshot.add_bos_policy(tiny[1]) is False

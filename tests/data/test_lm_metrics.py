@@ -51,8 +51,8 @@ def test_ignored_and_padded_positions_are_not_scored():
     part, n_part = block_nll(logits, masked, mask)
     assert n_full.tolist() == [4, 4] and n_part.tolist() == [3, 3]
     lp = torch.log_softmax(logits, -1)
-    assert part[0] == pytest.approx(full[0] + lp[0, 2, labels[0, 3]].item(), rel=1e-5)
-    assert part[1] == pytest.approx(full[1] + lp[1, 3, labels[1, 4]].item(), rel=1e-5)
+    assert part[0].item() == pytest.approx(full[0].item() + lp[0, 2, labels[0, 3]].item(), rel=1e-5)
+    assert part[1].item() == pytest.approx(full[1].item() + lp[1, 3, labels[1, 4]].item(), rel=1e-5)
 
 
 def test_perplexity_weighs_tokens_not_blocks():
