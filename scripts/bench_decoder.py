@@ -102,6 +102,11 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s): all weights trainable {full:.2f} s; "
         f"frozen base (activation gradients only) {frozen:.2f} s"
     )
+    load1, load5, _ = os.getloadavg()
+    lines.append(
+        f"* machine load average during the run: {load1:.1f} (1 min), {load5:.1f} (5 min) on "
+        f"{os.cpu_count()} cores; other jobs shared the cores, so times are upper bounds"
+    )
     emit_markdown(lines, args.out)
 
 
