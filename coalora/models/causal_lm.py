@@ -43,14 +43,22 @@ def task_kind(task: DictConfig) -> str:
     return kind
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind == "encoder" else f"a {kind}"
+
+
 def check_model_task(model: DictConfig, task: DictConfig) -> None:
     """One clear line when the model cannot serve the task (decoder vs encoder)."""
     need, have = TASK_MODEL_KIND[task_kind(task)], model_kind(model)
     if need != have:
+        choices = (
+            "smollm2_135m, tiny_llama, qwen2_5_*, llama*"
+            if need == "decoder"
+            else "minilm_l6, tiny_bert, roberta_*"
+        )
         raise ConfigError(
-            f"task={task.get('name')} (task.kind={task_kind(task)}) needs {'an' if need == 'encoder' else 'a'} {need} model, but "
-            f"model={model.get('name')} is a {have} (model.kind={have}); pick a "
-            f"{'decoder (smollm2_135m, tiny_llama, qwen2_5_*, llama*)' if need == 'decoder' else 'encoder (minilm_l6, tiny_bert, roberta_*)'} model"
+            f"task={task.get('name')} (task.kind={task_kind(task)}) needs {_a(need)} model, but "
+            f"model={model.get('name')} is {_a(have)} (model.kind={have}); pick one of: {choices}"
         )
 
 
