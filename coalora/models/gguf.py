@@ -34,6 +34,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+try:
+    import fcntl
+except ImportError:  # POSIX only; on Windows concurrent first conversions are not serialised
+    fcntl = None
+
 from coalora.errors import CoaloraError, ConfigError
 from coalora.io import atomic_write_json
 
@@ -191,8 +196,6 @@ def convert(cfg: DictConfig) -> Path:
         atomic_write_json(out / MARKER, provenance)
         for f in out.iterdir():
             f.chmod(0o644)  # temp files are created 0600; the cache may be shared
-        if is_converted(local):  # another process finished the same conversion first
-            return local
         if local.exists():
             shutil.rmtree(local)  # an incomplete earlier attempt (no marker)
         os.replace(out, local)
@@ -201,16 +204,18 @@ def convert(cfg: DictConfig) -> Path:
 
 
 def ensure_converted(cfg: DictConfig) -> Path:
-    """``cfg.local_dir`` after converting it when it is missing or incomplete."""
+    """``cfg.local_dir`` after converting it when it is missing or incomplete. Concurrent callers
+    (e.g. the jobs of a Hydra sweep on a fresh machine) wait on a lock file and convert once."""
     local = Path(str(cfg.local_dir))
     if is_converted(local):
         return local
-    try:
-        return convert(cfg)
-    except OSError:
-        if is_converted(local):  # another process finished the same conversion first
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with open(local.parent / f".{local.name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if is_converted(local):  # another process finished while we waited
             return local
-        raise
+        return convert(cfg)
 
 
 def model_config(name: str) -> DictConfig:

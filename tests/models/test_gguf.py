@@ -122,3 +122,31 @@ def test_smollm2_converts_once_and_gives_a_sane_wikitext_perplexity(tmp_path_fac
             n.append(k)
     ppl = perplexity(torch.cat(nll), torch.cat(n))
     assert math.isfinite(ppl) and 5 < ppl < 60, ppl  # a random 49k-vocab model gives ~50,000
+
+
+def test_concurrent_first_uses_convert_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    calls = []
+
+    def fake_convert(cfg):
+        calls.append(1)
+        time.sleep(0.2)  # the other caller arrives while this one converts
+        d = Path(cfg.local_dir)
+        d.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors", MARKER):
+            (d / name).write_text("{}")
+        return d
+
+    monkeypatch.setattr(gguf, "convert", fake_convert)
+    cfg = OmegaConf.create({"local_dir": str(tmp_path / "models" / "m")})
+    got = []
+    threads = [
+        threading.Thread(target=lambda: got.append(gguf.ensure_converted(cfg))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [tmp_path / "models" / "m"] * 3
