@@ -31,6 +31,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--eval-split", default="test")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps (median)")
+    ap.add_argument(
+        "--extra-shapes",
+        default="",
+        help="more BxT training shapes to time with a frozen base, e.g. 4x128,2x256",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -102,6 +107,15 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s): all weights trainable {full:.2f} s; "
         f"frozen base (activation gradients only) {frozen:.2f} s"
     )
+    for shape in filter(None, args.extra_shapes.split(",")):
+        b, t = (int(x) for x in shape.lower().split("x"))
+        ids = dm.train_set.blocks[:b, :t].contiguous()
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        sec = median_time(frozen_step, reps=args.steps, warmup=1)
+        lines.append(
+            f"* forward+backward per step, frozen base, batch {b} x {t}: {sec:.2f} s "
+            f"({b * t / sec:.0f} tokens/s)"
+        )
     load1, load5, _ = os.getloadavg()
     lines.append(
         f"* machine load average during the run: {load1:.1f} (1 min), {load5:.1f} (5 min) on "
