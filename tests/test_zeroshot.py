@@ -74,14 +74,20 @@ def test_the_score_is_the_models_own_choice_ranking(tiny):
     assert got["coalora_sci_mc"]["acc"] == pytest.approx(correct / len(rows))
 
 
-def test_unknown_task_and_bad_list_are_config_errors(tiny):
+def test_bad_task_list_and_include_are_config_errors(tiny):
     model, tok = tiny
     with pytest.raises(ConfigError, match="must be a non-empty list"):
         zeroshot.run_lm_eval(model, tok, "coalora_sci_mc")
-    with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['no_such_task_xyz'\]"):
-        zeroshot.run_lm_eval(model, tok, ["no_such_task_xyz"], include=[FIXTURE])
     with pytest.raises(ConfigError, match="does not exist"):
         zeroshot.local_tasks([FIXTURE / "missing"])
+
+
+@pytest.mark.slow
+def test_unknown_task_is_a_config_error(tiny):
+    """Indexing lm-eval's built-in tasks takes ~20 s here, hence slow."""
+    model, tok = tiny
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['no_such_task_xyz'\]"):
+        zeroshot.run_lm_eval(model, tok, ["no_such_task_xyz"], include=[FIXTURE])
 
 
 def test_missing_lm_eval_is_one_line(monkeypatch):
