@@ -11,7 +11,6 @@ from coalora.models.causal_lm import (
 from coalora.models.loading import (
     build_model,
     build_tokenizer,
-    layer_index,
     module_type,
     target_names,
 )
@@ -25,7 +24,6 @@ __all__ = [
     "causal_lm_tokenizer",
     "check_model_task",
     "find_targets",
-    "layer_index",
     "model_kind",
     "module_type",
     "num_blocks",

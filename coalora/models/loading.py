@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -114,16 +113,3 @@ def module_type(name: str, patterns: list[str]) -> str:
     if p is None:
         raise ConfigError(f"{name} matches none of model.target_modules={list(patterns)}")
     return p
-
-
-_LAYER_RE = re.compile(r"\.(?:layer|layers|h|blocks)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int:
-    """Block index parsed from a module name (``layer.3.`` and ``layers.3.``).
-
-    Prefer :func:`coalora.models.targets.find_targets`, which reads the index off the model's
-    ``ModuleList`` structure and works for any block container name.
-    """
-    m = _LAYER_RE.search("." + name + ".")
-    return int(m.group(1)) if m else 0

@@ -22,7 +22,7 @@ from coalora.lit import FinetuneModule
 from coalora.lit.module import SCHEDULES
 from coalora.lit.search_refresh import SearchRefreshCallback
 from coalora.methods import Method, MethodContext, build_method
-from coalora.models import build_model, build_tokenizer, layer_index, module_type, target_names
+from coalora.models import build_model, build_tokenizer, check_model_task, find_targets
 from coalora.quant import QuantSettings
 from coalora.stages.common import AtomicCheckpointIO, instantiate_dict
 
@@ -96,6 +96,7 @@ def check_trainer(cfg: DictConfig) -> None:
 
 def check_run(cfg: DictConfig) -> tuple[Method, QuantSettings]:
     """Validate the method, its quant pairing and the cheap run keys; build nothing."""
+    check_model_task(cfg.model, cfg.task)
     quant = QuantSettings.from_cfg(cfg.quant)
     method = build_method(cfg.method)
     method.check(quant)
@@ -133,16 +134,15 @@ def method_context(
     cache_dir: str | Path | None = None,
 ) -> MethodContext:
     """What a method may use: target names and layer structure, seed, data, cache."""
-    patterns = list(cfg.model.target_modules)
-    names = target_names(model, patterns)
+    targets = find_targets(model, list(cfg.model.target_modules))  # from the module tree
     return MethodContext(
-        names=names,
+        names=[t.name for t in targets],
         quant=quant,
         seed=int(cfg.seed),
         model_name=str(cfg.model.name),
         task_name=str(cfg.task.name),
-        positions=[layer_index(n) for n in names],
-        module_types=[module_type(n, patterns) for n in names],
+        positions=[t.block for t in targets],
+        module_types=[t.module_type for t in targets],
         num_layers=int(cfg.model.get("num_layers", 0) or 0),
         head_modules=list(cfg.model.get("head_modules", ["classifier", "score"])),
         batch_size=int(cfg.data.batch_size) if "data" in cfg else 32,

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from coalora.adapters import LoRALinear, adapter_modules
-from coalora.methods import registry
 from coalora.errors import ConfigError
+from coalora.methods import registry
 from coalora.stages.export import (
     effective_linear,
     export_configuration,

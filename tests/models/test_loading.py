@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from coalora.errors import ConfigError
-from coalora.models import build_model, build_tokenizer, layer_index, module_type, target_names
+from coalora.models import build_model, build_tokenizer, find_targets, module_type, target_names
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -41,7 +41,10 @@ def test_module_types_distinguish_attention_and_ffn_output():
     f = "bert.encoder.layer.3.output.dense"
     assert module_type(a, PATTERNS) == "attention.output.dense"
     assert module_type(f, PATTERNS) == "output.dense"
-    assert layer_index(a) == 3 and layer_index("model.layers.17.mlp.up_proj") == 17
+    model = build_model(model_cfg("tiny_bert"), num_labels=2, seed=0)
+    blocks = {t.name: t.block for t in find_targets(model, PATTERNS)}
+    assert blocks["bert.encoder.layer.1.output.dense"] == 1  # read off the ModuleList
+    assert blocks["bert.encoder.layer.0.attention.self.query"] == 0
 
 
 def test_unknown_source_is_a_clear_error():
