@@ -61,6 +61,7 @@ def test_export_writes_a_peft_adapter(coalora_run):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "coalora_export.json",
         "quant_config.json",
     ]
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -124,3 +125,43 @@ def test_mapper_stats_reports_a_near_identity_mixing_after_three_steps(coalora_r
     # the mapper's last layer starts near zero (init_std 1e-3): I + γU is close to I
     assert all(0.0 <= v < 0.05 for v in per_budget.values())
     assert any("3 vs 4" in r[0] for r in rows)
+
+
+def test_export_never_deletes_what_it_did_not_write(coalora_run):
+    """An existing folder that is not this run's export is refused (exit 2, one line), the run
+    directory itself can never be the target, and re-exporting into our own export replaces it."""
+    stranger = coalora_run / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    base = [f"ckpt={coalora_run / 'run'}", "quant.budget=3.5"]
+    r = cli("export.py", [*base, f"out_dir={stranger}", f"hydra.run.dir={coalora_run / 'e1'}"],
+            coalora_run / "cache")  # fmt: skip
+    assert r.returncode == 2 and "overwrite=true" in r.stderr and "Traceback" not in r.stderr
+    assert (stranger / "notes.txt").read_text() == "mine"
+    r = cli("export.py", [*base, f"out_dir={coalora_run / 'run'}",
+            f"hydra.run.dir={coalora_run / 'e2'}"], coalora_run / "cache")  # fmt: skip
+    assert r.returncode == 2 and "training run" in r.stderr
+    assert (coalora_run / "run" / "checkpoints" / "last.ckpt").is_file()
+    afile = coalora_run / "a_file"
+    afile.write_text("x")
+    r = cli("export.py", [*base, f"out_dir={afile}", f"hydra.run.dir={coalora_run / 'e3'}"],
+            coalora_run / "cache")  # fmt: skip
+    assert r.returncode == 2 and "existing file" in r.stderr and afile.read_text() == "x"
+    ours = coalora_run / "ours"
+    for i in range(2):  # the second export replaces the first (same run)
+        r = cli("export.py", [*base, f"out_dir={ours}", f"hydra.run.dir={coalora_run / f'o{i}'}"],
+                coalora_run / "cache")  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert (ours / "adapter_model.safetensors").is_file()
+    assert not [p for p in coalora_run.iterdir() if p.name.startswith(".ours")]
+
+
+def test_a_new_run_refuses_another_runs_directory(coalora_run):
+    r = cli(
+        "train.py",
+        ["model=tiny_bert", f"paths.data_dir={FIX}", "data.allow_hub=false", "method=lora",
+         "trainer.max_steps=2", "callbacks=minimal", f"hydra.run.dir={coalora_run / 'run'}"],
+        coalora_run / "cache",
+    )  # fmt: skip
+    assert r.returncode == 2 and "already holds another run" in r.stderr
+    assert "Traceback" not in r.stderr
