@@ -56,12 +56,24 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def kill_at(step: int, run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
-    kill = ["+callbacks.kill._target_=tests.reliability.chaos.KillAtStep", f"+callbacks.kill.step={step}"]
+    kill = [
+        "+callbacks.kill._target_=tests.reliability.chaos.KillAtStep",
+        f"+callbacks.kill.step={step}",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "tests/reliability/chaos.py"), str(run_dir), str(cache),
-         json.dumps([*COMMON, *kill])],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "tests/reliability/chaos.py"),
+            str(run_dir),
+            str(cache),
+            json.dumps([*COMMON, *kill]),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
