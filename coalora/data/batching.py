@@ -2,7 +2,7 @@
 
 Sequences are tokenized once without padding and stored flat (one int32 array plus offsets), so a
 split of hundreds of thousands of pairs costs a few MB rather than Python lists of ints. Batches
-are padded to the longest member only (DESIGN §8: short sequences are what make CPU training
+are padded to the longest member only (short sequences are what make CPU training
 affordable); grouping similar lengths into a batch reduces padding further.
 """
 

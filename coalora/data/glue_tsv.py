@@ -1,4 +1,4 @@
-"""Read GLUE's TSV files exactly as distributed (DESIGN §7, shared/data/README.md).
+"""Read GLUE's TSV files exactly as distributed (README "Data locations").
 
 GLUE TSVs are *not* CSV: fields contain bare ``"`` characters and are never quoted, so a line is
 split on tabs and nothing else (a CSV reader with default quoting merges rows). Further quirks

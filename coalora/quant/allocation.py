@@ -1,9 +1,9 @@
 """Budget allocation: one QuantConfig per layer minimising total error under an average-bit budget.
 
-LQ-LoRA's integer program (research/algorithms.md §2): a multiple-choice knapsack (MCKP) with
+LQ-LoRA's integer program (arXiv 2311.12023): a multiple-choice knapsack (MCKP) with
 costs[i, c] = ‖D ⊙ (W_i − Ŵ_i(c))‖²_F (D = √Fisher, or 1) and item weights bits(c)·numel_i.
 Solved exactly with ``scipy.optimize.milp`` (HiGHS, sparse constraints) after dominance pruning, or
-by the Lagrangian / convex-hull greedy of §2.3 (gap ≤ one hull step of one layer). Error tables
+by a Lagrangian / convex-hull greedy (gap ≤ one hull step of one layer). Error tables
 (and their disk cache) live in ``error_table.py``.
 
 The answer depends on the inputs only: the MILP has no wall-clock limit (a loaded machine would
@@ -68,7 +68,7 @@ class SolveInfo:
 
 
 def prune_dominated(costs: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
-    """Per layer, the options no other option beats on both weight and cost (§2.3), sorted by
+    """Per layer, the options no other option beats on both weight and cost, sorted by
     weight ascending (so cost strictly decreasing). Ties keep the lowest index."""
     kept = []
     for c, w in zip(costs, weights):
@@ -208,7 +208,7 @@ def _lower_hull(wk: np.ndarray, ck: np.ndarray) -> np.ndarray:
 def solve_mckp_lagrangian(
     costs, weights, capacity: float, iters: int = 100, return_info: bool = False
 ):
-    """Lagrangian MCKP (§2.3): bisection on λ for argmin_c c + λ·w per row until the capacity is
+    """Lagrangian MCKP: bisection on λ for argmin_c c + λ·w per row until the capacity is
     just met, then greedy upgrades along each row's lower convex hull, best Δcost/Δweight first.
     Returns the chosen column per row, int64 (N,) (and a :class:`SolveInfo` with
     ``return_info``; its bound is the Lagrangian dual). The gap is at most one hull step."""
@@ -286,7 +286,7 @@ def allocate(
     fisher: Mapping[str, Tensor] | None = None,
     return_info: bool = False,
 ):
-    """The configuration minimising total error with average bits ≤ ``budget`` (§2.2).
+    """The configuration minimising total error with average bits ≤ ``budget``.
 
     ``table`` (e.g. from the disk cache) skips computing errors; it is restricted to ``space``.
     Budgets outside [min, max] achievable average bits raise ``ValueError`` naming both numbers.

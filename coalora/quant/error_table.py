@@ -1,11 +1,10 @@
 """Error tables for budget allocation: the error of every (layer, option) pair, cached on disk.
 
 costs[i, c] = ‖D ⊙ (W_i − Ŵ_i(c))‖²_F with D = √Fisher (or 1) and Ŵ = fake quantization, or a
-caller's residual function (LQ-LoRA's decomposition-aware errors; LQ-LoRA, arXiv 2311.12023,
-§3.2). Tables are saved as safetensors (atomic write) keyed by model name, space hash and kind,
-and carry a fingerprint of the weights, so a cached table never serves other weights, and a
-SHA-256 of their content, so a truncated or edited file is detected, reported and rebuilt
-(docs/reliability.md).
+caller's residual function (decomposition-aware errors of LQ-LoRA, arXiv 2311.12023). Tables
+are saved as safetensors (atomic write) keyed by model name, space hash and kind, and carry a
+fingerprint of the weights, so a cached table never serves other weights, and a SHA-256 of their
+content, so a truncated or edited file is detected, reported and rebuilt (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Budget allocation (algorithms.md §2): exact MCKP, Lagrangian fallback, error tables."""
+"""Budget allocation (LQ-LoRA's MCKP, arXiv 2311.12023): exact MILP, Lagrangian fallback, error tables."""
 
 from __future__ import annotations
 
