@@ -23,8 +23,6 @@ from tests.reliability.chaos import ROOT, compose_run
 
 STEPS = 20
 COMMON = [
-    "method=lora",
-    "method.dropout=0.1",
     f"trainer.max_steps={STEPS}",
     "trainer.val_check_interval=5",
     "trainer.log_every_n_steps=1",
@@ -55,7 +53,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def kill_at(step: int, run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
+def kill_at(step: int, run_dir: Path, cache: Path, extra: list[str]) -> subprocess.CompletedProcess:
     kill = [
         "+callbacks.kill._target_=tests.reliability.chaos.KillAtStep",
         f"+callbacks.kill.step={step}",
@@ -67,7 +65,7 @@ def kill_at(step: int, run_dir: Path, cache: Path) -> subprocess.CompletedProces
             str(ROOT / "tests/reliability/chaos.py"),
             str(run_dir),
             str(cache),
-            json.dumps([*COMMON, *kill]),
+            json.dumps([*COMMON, *extra, *kill]),
         ],
         cwd=ROOT,
         env=env,
@@ -77,19 +75,38 @@ def kill_at(step: int, run_dir: Path, cache: Path) -> subprocess.CompletedProces
     )
 
 
-@pytest.mark.parametrize("seed", [int(os.environ.get("COALORA_CHAOS_SEED", "0"))])
-def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, seed):
+SEED = int(os.environ.get("COALORA_CHAOS_SEED", "0"))
+
+
+@pytest.mark.parametrize(
+    "seed,method",
+    [
+        (SEED, ["method=lora", "method.dropout=0.1"]),
+        pytest.param(
+            SEED,
+            [
+                "method=coalora",
+                "method.dropout=0.1",
+                "method.pool.step=0.5",
+                "method.eval_budgets=[3.0]",
+            ],
+            marks=pytest.mark.slow,
+            id="coalora",
+        ),
+    ],
+)
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, seed, method):
     k = random.Random(seed).choice([s for s in range(3, STEPS - 2) if s % 8])  # mid-epoch
     cache = tmp_path / "cache"
-    full = train(tmp_path / "full", cache, [])
+    full = train(tmp_path / "full", cache, method)
     assert full["global_step"] == STEPS
 
-    killed = kill_at(k, tmp_path / "killed", cache)
+    killed = kill_at(k, tmp_path / "killed", cache, method)
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == k
 
-    resumed = train(tmp_path / "resumed", cache, [f"ckpt_path={last}"])
+    resumed = train(tmp_path / "resumed", cache, [*method, f"ckpt_path={last}"])
     assert resumed["global_step"] == STEPS
 
     a = trainable(tmp_path / "full" / "checkpoints" / "last.ckpt")
@@ -111,6 +128,7 @@ def test_finished_run_last_ckpt_is_the_last_step(tmp_path):
         tmp_path / "run",
         tmp_path / "cache",
         [
+            "method=lora",
             "trainer.max_steps=7",
             "callbacks=default",
             "~callbacks.progress_bar",
