@@ -136,20 +136,30 @@ def get_or_compute(
             log.warning("ignoring %s %s: %s; recomputing", what, path, e)
             return False, None
 
+    seen = _signature(path)
     found, value = hit()
     if found:
         return value
     with locked(path) as have_lock:
-        if have_lock:
-            found, value = hit()  # another process may have written it while we waited
+        if not have_lock:
+            log.warning("cache folder %s is not writable; computing %s uncached", path.parent, what)
+        elif _signature(path) != seen:
+            found, value = hit()  # another process wrote it while we waited for the lock
             if found:
                 return value
-        else:
-            log.warning("cache folder %s is not writable; computing %s uncached", path.parent, what)
         payload = encode(compute())
         if have_lock:
             write_verified(path, payload, what) if framed else _write_raw(path, payload, what)
     return decode(payload)
+
+
+def _signature(path: Path) -> tuple | None:
+    """Identity of the file's current version (inode, size, mtime), None when it is missing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _read_raw(path: Path, what: str) -> bytes | None:

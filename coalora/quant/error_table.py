@@ -114,6 +114,7 @@ class ErrorTable:
         truncated, not a table, of another version, or fail the SHA-256 check."""
         from safetensors.torch import load
 
+        where = f"{source}: " if source else ""
         try:
             size = int.from_bytes(data[:8], "little")
             if len(data) < 8 + size:
@@ -121,13 +122,13 @@ class ErrorTable:
             meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
             tensors = load(data)
         except Exception as e:
-            raise ValueError(f"{source}: not a readable error table ({e})") from None
+            raise ValueError(f"{where}not a readable error table ({e})") from None
         if meta.get("version") != TABLE_VERSION:
             raise ValueError(
-                f"{source}: error table version {meta.get('version')!r}, expected {TABLE_VERSION}"
+                f"{where}error table version {meta.get('version')!r}, expected {TABLE_VERSION}"
             )
         if "sha256" not in meta:
-            raise ValueError(f"{source}: no checksum (written by an older coalora)")
+            raise ValueError(f"{where}no checksum (written by an older coalora)")
         try:
             table = cls(
                 names=json.loads(meta["names"]),
@@ -138,9 +139,9 @@ class ErrorTable:
                 fingerprint=meta.get("fingerprint", ""),
             )
         except Exception as e:
-            raise ValueError(f"{source}: inconsistent error table ({e})") from None
+            raise ValueError(f"{where}inconsistent error table ({e})") from None
         if table._content_digest(meta) != meta["sha256"]:
-            raise ValueError(f"{source}: SHA-256 does not match the content (modified?)")
+            raise ValueError(f"{where}SHA-256 does not match the content (modified?)")
         return table
 
     def save(self, path: str | Path) -> Path:
@@ -245,7 +246,7 @@ def cached_table(
         return build()
 
     def decode(data: bytes) -> ErrorTable:
-        table = ErrorTable.from_bytes(data, str(path))
+        table = ErrorTable.from_bytes(data, source="")  # the caller's warning names the file
         if table.names != names:
             raise ValueError("its layers differ from the model's")
         if table.fingerprint != fingerprint:
