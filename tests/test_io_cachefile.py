@@ -55,7 +55,7 @@ def test_get_or_compute_heals_a_corrupt_file(tmp_path, caplog):
     p.write_bytes(p.read_bytes()[:-2])
     with caplog.at_level(logging.WARNING):
         assert get() == {"x": 2}
-    assert f"ignoring value {p}" in caplog.text
+    assert caplog.text.count(f"ignoring value {p}") == 1  # one warning per damaged file
     assert get() == {"x": 2} and len(calls) == 2  # rewritten: a hit again
 
 
