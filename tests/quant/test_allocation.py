@@ -211,7 +211,10 @@ def test_milp_has_no_wall_clock_limit(monkeypatch):
     assert seen and all("time_limit" not in o and o["node_limit"] > 0 for o in seen)
 
 
-def test_error_table_does_not_depend_on_the_thread_count(weights):
+def test_error_table_does_not_depend_on_the_thread_count():
+    # large enough for torch to split the sums across threads (small tensors stay serial)
+    g = torch.Generator().manual_seed(0)
+    weights = {f"l{i}": torch.randn(1536, 384, generator=g) * 0.05 for i in range(2)}
     torch_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -30,14 +30,18 @@ BUDGETS = [2.3, 2.6, 3.0, 3.4, 3.8]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiny_weights() -> dict[str, torch.Tensor]:
+def tiny_weights(big: bool = False) -> dict[str, torch.Tensor]:
+    """Four small layers; ``big``: three MiniLM-sized ones, large enough for torch to split
+    reductions across threads."""
     g = torch.Generator().manual_seed(3)
+    if big:
+        return {f"enc.{i}.w": torch.randn(1536, 384, generator=g) * 0.05 for i in range(3)}
     return {f"enc.{i}.w": torch.randn(16 * (i + 1), 64, generator=g) * 0.1 for i in range(4)}
 
 
-def allocations_json(cache_dir: str | None) -> str:
+def allocations_json(cache_dir: str | None, big: bool = False) -> str:
     """The allocations at BUDGETS through the cache, as canonical JSON (for comparisons)."""
-    weights = tiny_weights()
+    weights = tiny_weights(big)
     table = cached_error_table(weights, SMALL, cache_dir, "tiny")
     out = cached_allocations(table, BUDGETS, SMALL, cache_dir, "tiny")
     return json.dumps({f"{b:g}": c.to_dict() for b, c in out.items()}, sort_keys=True)
@@ -131,7 +135,7 @@ def test_thread_count_does_not_change_allocations(tmp_path, threads):
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
         "from tests.quant.test_allocation_cache import allocations_json; "
-        "print(allocations_json(None))"
+        "print(allocations_json(None, big=True))"
     )
     outs = []
     for n in threads:
