@@ -3,6 +3,7 @@ runs, identical across thread counts (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -44,7 +45,10 @@ def allocations_json(cache_dir: str | None, big: bool = False) -> str:
     weights = tiny_weights(big)
     table = cached_error_table(weights, SMALL, cache_dir, "tiny")
     out = cached_allocations(table, BUDGETS, SMALL, cache_dir, "tiny")
-    return json.dumps({f"{b:g}": c.to_dict() for b, c in out.items()}, sort_keys=True)
+    digest = hashlib.sha256(table.costs.numpy().tobytes()).hexdigest()  # bit-level table check
+    return json.dumps(
+        {"table": digest, **{f"{b:g}": c.to_dict() for b, c in out.items()}}, sort_keys=True
+    )
 
 
 def test_table_file_carries_a_checksum_and_heals(tmp_path, caplog):
