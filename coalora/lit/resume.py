@@ -103,8 +103,9 @@ class DeterministicResume(L.Callback):
 
 class LastCheckpoint(Checkpoint):
     """``<dirpath>/<filename>.ckpt`` every ``every_n_train_steps`` optimizer steps, after the
-    last step (``trainer.max_steps``) and when training ends for any other reason (epoch limit,
-    early stopping); always the latest step. Written through the trainer (atomic checkpoint I/O).
+    last step (``trainer.max_steps``), when training ends for any other reason (epoch limit,
+    early stopping) and on SIGTERM; always the latest step. Written through the trainer (atomic
+    checkpoint I/O).
     """
 
     def __init__(
@@ -141,6 +142,16 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """On SIGTERM (Lightning stops between two training batches) save the step reached, so
+        a scheduler's pre-emption leaves a resumable ``last.ckpt``. Other exceptions save
+        nothing: the state may be half-way through a step."""
+        from lightning.pytorch.trainer.states import RunningStage
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.state.stage == RunningStage.TRAINING:
+            self._save(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved_step": self.saved_step}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import signal as signal_module
 import sys
 from pathlib import Path
 
@@ -15,14 +15,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class KillAtStep(L.Callback):
-    """SIGKILL this process when training is about to run optimizer step ``step + 1``."""
+    """Send ``signal`` (default SIGKILL) to this process when training is about to run optimizer
+    step ``step + 1``."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
         self.step = int(step)
+        self.signal = getattr(signal_module, signal)
+        self.sent = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signal)
 
 
 def compose_run(run_dir: str | Path, cache_dir: str | Path, overrides: list[str]):

@@ -53,10 +53,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def kill_at(step: int, run_dir: Path, cache: Path, extra: list[str]) -> subprocess.CompletedProcess:
+def kill_at(
+    step: int, run_dir: Path, cache: Path, extra: list[str], sig: str = "SIGKILL"
+) -> subprocess.CompletedProcess:
     kill = [
         "+callbacks.kill._target_=tests.reliability.chaos.KillAtStep",
         f"+callbacks.kill.step={step}",
+        f"+callbacks.kill.signal={sig}",
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
@@ -142,3 +145,20 @@ def test_finished_run_last_ckpt_is_the_last_step(tmp_path):
     best = torch.load(ckpts / "best.ckpt", weights_only=True)["global_step"]
     assert best in (2, 4, 6)  # written at a validation, never confused with last.ckpt
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_sigterm_leaves_a_resumable_last_ckpt(tmp_path):
+    """SIGTERM during step k+1: Lightning finishes that batch and stops; last.ckpt holds step
+    k+1 although no periodic save was due, and resuming from it gives the uninterrupted run."""
+    k, cache, method = 6, tmp_path / "cache", ["method=lora", "method.dropout=0.1"]
+    rare = ["callbacks.last_checkpoint.every_n_train_steps=100"]
+    stopped = kill_at(k, tmp_path / "stopped", cache, [*method, *rare], sig="SIGTERM")
+    assert stopped.returncode != -9, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == k + 1
+    full = train(tmp_path / "full", cache, [*method, *rare])
+    resumed = train(tmp_path / "resumed", cache, [*method, *rare, f"ckpt_path={last}"])
+    a = trainable(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    b = trainable(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert max((a[n] - b[n]).abs().max().item() for n in a) <= 1e-6
+    assert resumed["metrics"] == pytest.approx(full["metrics"], abs=1e-6)
