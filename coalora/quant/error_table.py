@@ -109,9 +109,12 @@ class ErrorTable:
         return save(tensors, metadata=meta)
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "error table") -> ErrorTable:
+    def from_bytes(
+        cls, data: bytes, source: str = "error table", require_checksum: bool = True
+    ) -> ErrorTable:
         """Parse :meth:`to_bytes` output; ``ValueError`` naming ``source`` when the bytes are
-        truncated, not a table, of another version, or fail the SHA-256 check."""
+        truncated, not a table, of another version, or fail the SHA-256 check (a table without
+        a checksum, from an older coalora, is accepted only with ``require_checksum=False``)."""
         from safetensors.torch import load
 
         where = f"{source}: " if source else ""
@@ -127,7 +130,7 @@ class ErrorTable:
             raise ValueError(
                 f"{where}error table version {meta.get('version')!r}, expected {TABLE_VERSION}"
             )
-        if "sha256" not in meta:
+        if "sha256" not in meta and require_checksum:
             raise ValueError(f"{where}no checksum (written by an older coalora)")
         try:
             table = cls(
@@ -140,7 +143,7 @@ class ErrorTable:
             )
         except Exception as e:
             raise ValueError(f"{where}inconsistent error table ({e})") from None
-        if table._content_digest(meta) != meta["sha256"]:
+        if "sha256" in meta and table._content_digest(meta) != meta["sha256"]:
             raise ValueError(f"{where}SHA-256 does not match the content (modified?)")
         return table
 
@@ -148,8 +151,9 @@ class ErrorTable:
         return atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
-    def load(cls, path: str | Path) -> ErrorTable:
-        return cls.from_bytes(Path(path).read_bytes(), str(path))
+    def load(cls, path: str | Path, require_checksum: bool = False) -> ErrorTable:
+        """A table file written by :meth:`save`; its checksum is verified when it has one."""
+        return cls.from_bytes(Path(path).read_bytes(), str(path), require_checksum)
 
 
 def weights_fingerprint(

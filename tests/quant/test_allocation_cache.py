@@ -150,3 +150,29 @@ def test_thread_count_does_not_change_allocations(tmp_path, threads):
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(r.stdout)
     assert outs[0] == outs[1]
+
+
+def test_old_table_without_checksum_loads_but_is_rebuilt_in_the_cache(tmp_path, caplog):
+    """Explicit loads accept a pre-checksum file (verified when a checksum is present); the cache
+    never trusts one: it warns, rebuilds and writes a checksummed file."""
+    from safetensors.torch import save_file
+
+    weights = tiny_weights()
+    table = cached_error_table(weights, SMALL, None, "tiny")
+    path = table_path(tmp_path, "tiny", SMALL, "mse")
+    meta = {
+        "version": "1",
+        "kind": table.kind,
+        "fingerprint": table.fingerprint,
+        "names": json.dumps(table.names),
+        "options": json.dumps([qc.key for qc in table.options]),
+    }
+    tensors = {"costs": table.costs, "numels": torch.tensor(table.numels)}
+    save_file(tensors, str(path), metadata=meta)  # the version-1 layout, no sha256
+    assert torch.equal(error_table.ErrorTable.load(path).costs, table.costs)
+    with pytest.raises(ValueError, match="no checksum"):
+        error_table.ErrorTable.load(path, require_checksum=True)
+    with caplog.at_level(logging.WARNING):
+        cached_error_table(weights, SMALL, tmp_path, "tiny")
+    assert "no checksum (written by an older coalora)" in caplog.text
+    assert error_table.ErrorTable.load(path, require_checksum=True).fingerprint == table.fingerprint
