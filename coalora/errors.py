@@ -13,3 +13,7 @@ class ConfigError(CoaloraError, ValueError):
 
 class DataError(CoaloraError, FileNotFoundError):
     """Task data can be found neither locally nor on the hub."""
+
+
+class StorageError(CoaloraError, OSError):
+    """A file could not be written (full disk, read-only folder, no permission); names the path."""

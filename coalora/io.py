@@ -1,27 +1,111 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename (STYLE 7)."""
+"""Atomic file and directory writes (docs/reliability.md).
+
+A file is written to a temporary sibling and renamed over the target, so readers see the old
+content or the new one, never a half-written file. The temporary file gets the permissions a plain
+``open(path, "w")`` would get (``0666 & ~umask``; ``0777 & ~umask`` for directories) rather than
+``mkstemp``'s private 0600, so results, checkpoints and caches stay readable by a team. A failed
+write (full disk, read-only folder, no permission) becomes one :class:`StorageError` line naming the
+path and the cause.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coalora.errors import CoaloraError, StorageError
+
+# errno values that mean "this location cannot take the write", with a short cause for the message
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device (ENOSPC)",
+    errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+    errno.EROFS: "read-only file system (EROFS)",
+    errno.EACCES: "permission denied (EACCES)",
+    errno.EPERM: "operation not permitted (EPERM)",
+}
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux ``/proc``); elsewhere set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _no_space_left(folder: Path) -> bool:
+    """Whether ``folder``'s file system has no free blocks left for unprivileged writers."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail == 0
+
+
+def storage_error(path: Path, exc: BaseException) -> StorageError | None:
+    """A one-line :class:`StorageError` for ``exc`` when it is a storage failure, else None.
+
+    Some writers hide the errno (torch's zip writer reports a full disk as ``unexpected pos``);
+    a non-OSError is reported as ENOSPC only when the file system really has no space left.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    cause = None
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        cause = _STORAGE_ERRNOS[exc.errno]
+    elif not isinstance(exc, CoaloraError | KeyboardInterrupt | SystemExit) and _no_space_left(
+        path.parent if path.parent.exists() else Path(".")
+    ):
+        cause = _STORAGE_ERRNOS[errno.ENOSPC]
+    if cause is None:
+        return None
+    err = StorageError(f"cannot write {path}: {cause}")
+    err.errno = getattr(exc, "errno", None) or errno.ENOSPC
+    return err
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (storage_error(path.parent, e) or e) from None
+
 
 def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
-    """Call ``writer(tmp_path)`` then move the result to ``path``; nothing is left on failure."""
+    """Call ``writer(tmp_path)`` then move the result to ``path``; nothing is left on failure.
+
+    The file ends with mode ``0666 & ~umask`` (0644 under umask 022). Storage failures raise
+    :class:`StorageError` naming ``path``; any other exception of ``writer`` propagates.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _make_parent(path)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise (storage_error(path, e) or e) from None
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        os.close(fd)
         writer(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        err = storage_error(path, e)
+        if err is not None:
+            raise err from None
         raise
     return path
 
@@ -34,8 +118,90 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, write)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def make_temp_dir(target: Path) -> Path:
+    """An empty directory beside ``target`` with mode ``0777 & ~umask`` (0755 under umask 022)."""
+    _make_parent(target)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~current_umask())
+    except OSError as e:
+        raise (storage_error(target, e) or e) from None
+    return tmp
+
+
+def replace_dir_atomically(
+    target: str | Path,
+    build: Callable[[Path], None],
+    *,
+    is_ours: Callable[[Path], bool],
+    overwrite: bool = False,
+    key: str = "overwrite",
+) -> Path:
+    """Build a directory with ``build(tmp)`` in a new sibling, then swap it in for ``target``.
+
+    Order: build into the sibling; rename an existing ``target`` aside; rename the new one in;
+    delete the old one. A failure before the swap leaves ``target`` untouched; a failure between
+    the two renames puts the old directory back. An existing ``target`` is replaced only when it
+    is empty, when ``is_ours(target)`` says this project wrote it, or when ``overwrite`` is true;
+    otherwise, and when ``target`` is a file, :class:`CoaloraError` names the path and ``key``.
+    """
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CoaloraError(
+            f"{target} exists and is not a directory; choose another output path "
+            f"(it is never replaced, even with {key}=true)"
+        )
+    if target.is_dir() and any(target.iterdir()) and not overwrite and not is_ours(target):
+        raise CoaloraError(
+            f"{target} is a non-empty directory that this project did not write; choose another "
+            f"output path or set {key}=true to replace it"
+        )
+    tmp = make_temp_dir(target)
+    try:
+        build(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = storage_error(target, e)
+        if err is not None:
+            raise err from None
+        raise
+    old = None
+    try:
+        if target.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+            )
+            os.replace(target, old)  # rename over the empty placeholder directory
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+                old = None
+            raise
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        err = storage_error(target, e)
+        if err is not None:
+            raise err from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
@@ -47,6 +213,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -2,7 +2,7 @@
 
 Sequences are tokenized once without padding and stored flat (one int32 array plus offsets), so a
 split of hundreds of thousands of pairs costs a few MB rather than Python lists of ints. Batches
-are padded to the longest member only (DESIGN §8: short sequences are what make CPU training
+are padded to the longest member only (short sequences are what make CPU training
 affordable); grouping similar lengths into a batch reduces padding further.
 """
 
@@ -146,25 +146,66 @@ class GlueCollator:
 
 class SeededShuffleSampler(Sampler[int]):
     """A permutation per epoch drawn from ``seed + epoch``: reproducible, and the same after a
-    resume or a re-created dataloader (Lightning calls :meth:`set_epoch`)."""
+    resume or a re-created dataloader (Lightning calls :meth:`set_epoch`).
+
+    Resumable mid-epoch: :meth:`state_dict` / :meth:`load_state_dict` carry the epoch and
+    ``skip``, the number of this epoch's indices already trained on; the next iteration yields
+    the rest of the epoch's order, so a resumed run sees exactly the batches the uninterrupted
+    run would have (docs/reliability.md). ``__len__`` stays the full epoch (Lightning counts the
+    epoch's batches from its own restored progress).
+    """
 
     def __init__(self, num_samples: int, seed: int = 0):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.skip = 0  # a restored position belongs to its own epoch only
         self.epoch = int(epoch)
 
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return torch.randperm(self.num_samples, generator=g).tolist()
 
+    def order(self) -> list[int]:
+        """The full index order of the current epoch."""
+        return self._permutation()
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self._permutation())
+        order = self.order()
+        skip, self.skip = self.skip, 0  # the next epoch starts from its beginning
+        return iter(order[skip:])
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def state_dict(self) -> dict[str, int | str]:
+        return {
+            "kind": type(self).__name__,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "epoch": self.epoch,
+            "skip": self.skip,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore epoch and position; a state of another sampler, seed or data size is an error
+        (the resumed batches would not be the uninterrupted run's)."""
+        for key in ("kind", "seed", "num_samples"):
+            if key in state and state[key] != self.state_dict()[key]:
+                raise ValueError(
+                    f"sampler state has {key}={state[key]!r}, this run has "
+                    f"{self.state_dict()[key]!r}: resume with the same data, seed and "
+                    f"data.group_by_length"
+                )
+        skip = int(state.get("skip", 0))
+        if not 0 <= skip <= self.num_samples:
+            raise ValueError(f"sampler state skip={skip} is outside [0, {self.num_samples}]")
+        self.epoch = int(state.get("epoch", 0))
+        self.skip = skip
 
 
 class LengthGroupedSampler(SeededShuffleSampler):
@@ -179,13 +220,13 @@ class LengthGroupedSampler(SeededShuffleSampler):
         self.lengths = np.asarray(lengths)
         self.mega = max(1, int(batch_size) * int(mega_batch_mult))
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         perm = self._permutation()
         out: list[int] = []
         for start in range(0, len(perm), self.mega):
             chunk = perm[start : start + self.mega]
             out.extend(sorted(chunk, key=lambda i: -int(self.lengths[i])))
-        return iter(out)
+        return out
 
 
 class LengthSortedSampler(Sampler[int]):

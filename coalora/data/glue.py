@@ -1,4 +1,4 @@
-"""GLUE as a LightningDataModule: local TSV first, the hub as fallback (DESIGN §7).
+"""GLUE as a LightningDataModule: local TSV first, the hub as fallback (README "Data locations").
 
 Data is looked up under ``<data_dir>/glue/<task.glue_dir>/`` (``data_dir`` is
 ``paths.data_dir``, which the config fills from env ``COALORA_DATA_DIR``). When the files are not
@@ -61,6 +61,8 @@ class GlueDataModule(L.LightningDataModule):
         seed: int = 0,
         group_by_length: bool = False,
         allow_hub: bool = True,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
     ):
         super().__init__()
         task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
@@ -77,7 +79,23 @@ class GlueDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.group_by_length = bool(group_by_length)
         self.allow_hub = bool(allow_hub)
+        # the constructor's limits win over task.max_*_samples (evaluate.py's eval.max_eval_samples)
+        self.limits = {
+            TRAIN: task_get(task, "max_train_samples"),
+            VALIDATION: task_get(task, "max_eval_samples"),
+        }
+        for split, key, value in (
+            (TRAIN, "max_train_samples", max_train_samples),
+            (VALIDATION, "max_eval_samples", max_eval_samples),
+        ):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{key}={value!r} must be an integer >= 1 (or null)")
+                self.limits[split] = int(value)
         self.collator = GlueCollator.for_tokenizer(tokenizer)
+        # (epoch, batches already trained in it): set by coalora.lit.resume.DeterministicResume
+        # when a checkpoint is loaded; the next train_dataloader() starts there
+        self.resume_position: tuple[int, int] | None = None
         self.encoded: dict[str, EncodedSplit] = {}
         self.source: str | None = None  # "local:<folder>" or "hub:<id>/<config>", after setup
 
@@ -112,6 +130,11 @@ class GlueDataModule(L.LightningDataModule):
         raw = self.load_raw(todo)
         for split in todo:
             columns = self._subsample(split, raw[split])
+            if not columns[LABEL]:
+                raise DataError(
+                    f"GLUE task '{self.task.name}': the {split} split from {self.source} has no "
+                    f"examples; it needs at least one"
+                )
             self.encoded[split] = encode_split(
                 [columns[f] for f in text_fields(self.task)],
                 columns[LABEL],
@@ -128,6 +151,15 @@ class GlueDataModule(L.LightningDataModule):
             sampler = LengthGroupedSampler(data.lengths, self.batch_size, seed=self.seed)
         else:
             sampler = SeededShuffleSampler(len(data), seed=self.seed)
+        if self.resume_position is not None:
+            epoch, batches = self.resume_position
+            per_epoch = -(-len(data) // self.batch_size)
+            if batches >= per_epoch:  # the checkpoint closed its epoch: start the next one
+                epoch, batches = epoch + 1, 0
+            sampler.load_state_dict(
+                {**sampler.state_dict(), "epoch": epoch, "skip": batches * self.batch_size}
+            )
+            self.resume_position = None
         return self._loader(data, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
@@ -224,10 +256,25 @@ class GlueDataModule(L.LightningDataModule):
             f"(paths.data_dir={self.data_dir!r}; set it or env COALORA_DATA_DIR) and {reason}"
         )
 
+    def limit_eval_samples(self, n: int | None) -> None:
+        """Keep the first ``n`` validation rows (the subset ``max_eval_samples=n`` builds); works
+        before and after :meth:`setup`."""
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_eval_samples={n!r} must be an integer >= 1 (or null)")
+        self.limits[VALIDATION] = n
+        split = self.encoded.get(VALIDATION)
+        if split is not None and len(split) > n:
+            end = int(split.offsets[n])
+            types = None if split.token_type_ids is None else split.token_type_ids[:end]
+            self.encoded[VALIDATION] = EncodedSplit(
+                split.input_ids[:end], split.offsets[: n + 1], split.labels[:n], types
+            )
+
     def _subsample(self, split: str, columns: dict[str, list]) -> dict[str, list]:
         """Train: first N after a seeded shuffle; eval: the first N rows (a fixed, ordered subset)."""
-        key = "max_train_samples" if split == TRAIN else "max_eval_samples"
-        limit = self.task[key]
+        limit = self.limits[split]
         n = len(columns[LABEL])
         if limit is None or int(limit) >= n:
             return columns

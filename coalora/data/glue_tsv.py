@@ -1,4 +1,4 @@
-"""Read GLUE's TSV files exactly as distributed (DESIGN §7, shared/data/README.md).
+"""Read GLUE's TSV files exactly as distributed (README "Data locations").
 
 GLUE TSVs are *not* CSV: fields contain bare ``"`` characters and are never quoted, so a line is
 split on tabs and nothing else (a CSV reader with default quoting merges rows). Further quirks
@@ -55,32 +55,51 @@ def _read_tsv_lines(
     rows: list[list[str]] = []
     linenos: list[int] = []
     skipped = 0
-    # newline="\n": split rows on \n only; utf-8-sig drops MRPC's BOM from the first header cell.
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.removesuffix("\n").removesuffix("\r")
-            if not line.strip():
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if names is None:
+            names = fields
+            continue
+        if len(fields) != len(names):
+            if skip_malformed:
+                skipped += 1
                 continue
-            fields = line.split("\t")
-            if names is None:
-                names = fields
-                continue
-            if len(fields) != len(names):
-                if skip_malformed:
-                    skipped += 1
-                    continue
-                raise TsvFormatError(
-                    f"{path}:{lineno}: expected {len(names)} tab-separated columns, found "
-                    f"{len(fields)} (GLUE TSV is split on tabs only; set task.skip_malformed=true "
-                    f"to drop such rows)"
-                )
-            rows.append(fields)
-            linenos.append(lineno)
+            raise TsvFormatError(
+                f"{path}:{lineno}: expected {len(names)} tab-separated columns, found "
+                f"{len(fields)} (GLUE TSV is split on tabs only; set task.skip_malformed=true "
+                f"to drop such rows)"
+            )
+        rows.append(fields)
+        linenos.append(lineno)
     if names is None:
         raise TsvFormatError(f"{path}: the file is empty (no header line)")
+    if not rows and not skipped:
+        what = "only a header line" if header else "only empty lines"
+        raise TsvFormatError(f"{path}: no data rows ({what}); a split needs at least one example")
     if skipped:
         log.warning("%s: skipped %d malformed rows (task.skip_malformed=true)", path, skipped)
     return names, rows, linenos
+
+
+def _decoded_lines(path: Path):
+    """``(line number, text)`` per line, split on ``\\n`` only; the first line loses a UTF-8 BOM
+    (MRPC). Bytes that are not UTF-8 raise :class:`TsvFormatError` naming file, line and column."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TsvFormatError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):  # binary iteration splits on b"\n" only
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TsvFormatError(
+                    f"{path}:{lineno}: byte {e.start + 1} of the line (0x{raw[e.start]:02x}) is not "
+                    f"UTF-8 (GLUE files are UTF-8; re-encode the file, e.g. with iconv)"
+                ) from None
+            yield lineno, text.removesuffix("\n").removesuffix("\r")
 
 
 def convert_label(value, task: DictConfig, where: str) -> int | float:

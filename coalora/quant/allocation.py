@@ -1,10 +1,16 @@
 """Budget allocation: one QuantConfig per layer minimising total error under an average-bit budget.
 
-LQ-LoRA's integer program (research/algorithms.md §2): a multiple-choice knapsack (MCKP) with
+LQ-LoRA's integer program (arXiv 2311.12023): a multiple-choice knapsack (MCKP) with
 costs[i, c] = ‖D ⊙ (W_i − Ŵ_i(c))‖²_F (D = √Fisher, or 1) and item weights bits(c)·numel_i.
 Solved exactly with ``scipy.optimize.milp`` (HiGHS, sparse constraints) after dominance pruning, or
-by the Lagrangian / convex-hull greedy of §2.3 (gap ≤ one hull step of one layer). Error tables
+by a Lagrangian / convex-hull greedy (gap ≤ one hull step of one layer). Error tables
 (and their disk cache) live in ``error_table.py``.
+
+The answer depends on the inputs only: the MILP has no wall-clock limit (a loaded machine would
+stop it earlier with a worse incumbent) but a branch-and-bound node limit, and the solver's status
+and optimality gap are returned with the configuration (:class:`SolveInfo`). Cached allocations are
+checksummed and written under a file lock (``coalora.cachefile``), so concurrent runs on an empty
+cache compute each allocation once and all read the same one (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
+import re
 import sys
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import Tensor
@@ -23,15 +32,43 @@ from coalora.quant.error_table import (  # re-exported: allocation is where call
     ErrorTable,
     build_error_table,
     cached_error_table,
+    cached_table,
     table_path,
     weights_fingerprint,
 )
 
 SOLVERS = ("milp", "lagrangian")
+# Bumped when the solver's settings change what it returns: cached allocations of an older
+# version are not reused (version 1 had a 2 s wall-clock limit).
+ALLOCATION_VERSION = 2
+MILP_NODE_LIMIT = 200_000
+MILP_REL_GAP = 1e-9
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How an allocation was obtained: ``status`` is ``optimal`` (proven within ``gap``),
+    ``node_limit`` (best incumbent when the node limit stopped the search), ``presolved``
+    (dominance and reduced-cost fixing left one option per layer), or ``greedy`` (the Lagrangian
+    solution: chosen solver, or the MILP's fallback). ``gap`` is (cost − lower bound) / cost."""
+
+    solver: str
+    status: str
+    gap: float
+    cost: float
+    bound: float
+    nodes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> SolveInfo:
+        return cls(**{k: d[k] for k in ("solver", "status", "gap", "cost", "bound", "nodes")})
 
 
 def prune_dominated(costs: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
-    """Per layer, the options no other option beats on both weight and cost (§2.3), sorted by
+    """Per layer, the options no other option beats on both weight and cost, sorted by
     weight ascending (so cost strictly decreasing). Ties keep the lowest index."""
     kept = []
     for c, w in zip(costs, weights):
@@ -75,12 +112,19 @@ def _quiet_native_stdout():
 
 
 def solve_mckp_milp(
-    costs, weights, capacity: float, time_limit: float = 2.0, mip_rel_gap: float = 1e-4
-) -> np.ndarray:
+    costs,
+    weights,
+    capacity: float,
+    node_limit: int = MILP_NODE_LIMIT,
+    mip_rel_gap: float = MILP_REL_GAP,
+    return_info: bool = False,
+):
     """Exact MCKP via ``scipy.optimize.milp`` (HiGHS): min Σ c x s.t. Σ w x ≤ capacity, one option
-    per row. ``costs``/``weights`` are (N, K); returns the chosen column per row, int64 (N,).
-    Dominance pruning and reduced-cost fixing from the Lagrangian bound shrink the problem first;
-    both are exact."""
+    per row. ``costs``/``weights`` are (N, K); returns the chosen column per row, int64 (N,), and
+    with ``return_info`` also a :class:`SolveInfo`. Dominance pruning and reduced-cost fixing from
+    the Lagrangian bound shrink the problem first; both are exact. The search stops on proven
+    optimality (relative gap ``mip_rel_gap``) or after ``node_limit`` branch-and-bound nodes,
+    never on time, so the answer is the same on an idle and on a loaded machine."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
 
@@ -92,39 +136,58 @@ def solve_mckp_milp(
     # An option whose excess exceeds UB − LB (UB: the greedy solution's cost) is never optimal.
     greedy, lam = _lagrangian(c, w, capacity, kept)
     n = len(kept)
-    upper = c[np.arange(n), greedy].sum()
+    rows_n = np.arange(n)
+    upper = c[rows_n, greedy].sum()
     lagr = c + lam * w  # (N, K)
     best = lagr.min(axis=1)
-    slack = (upper - (best.sum() - lam * capacity)) * (1 + 1e-9) + 1e-12 * abs(upper)
+    lower = float(best.sum() - lam * capacity)
+    slack = (upper - lower) * (1 + 1e-9) + 1e-12 * abs(upper)
     kept = [k[lagr[i, k] - best[i] <= slack] for i, k in enumerate(kept)]
+
+    def done(choice: np.ndarray, status: str, bound: float, nodes: int = 0):
+        cost = float(c[rows_n, choice].sum())
+        gap = max(0.0, (cost - bound) / cost) if cost > 0 else 0.0
+        info = SolveInfo("milp", status, gap, cost, float(bound), int(nodes))
+        return (choice, info) if return_info else choice
+
     if all(len(k) == 1 for k in kept):
-        return np.array([k[0] for k in kept])
+        return done(np.array([k[0] for k in kept]), "presolved", float(upper))
     rows = np.repeat(np.arange(len(kept)), [len(k) for k in kept])  # (V,) row of each variable
     cols = np.concatenate(kept)  # (V,) option of each variable
     cv, wv = c[rows, cols], w[rows, cols]
-    scale = np.linalg.norm(cv) or 1.0  # LQ-LoRA normalises costs; only conditioning changes
+    scale = (np.linalg.norm(cv) or 1.0) / 1000.0  # LQ-LoRA normalises costs; only conditioning
     A_eq = csr_array(
         (np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(len(kept), len(rows))
     )
     A_w = csr_array(wv[None, :])
     cap = capacity
+    tol = 1e-12 * max(1.0, abs(capacity))
+    options = {"node_limit": int(node_limit), "mip_rel_gap": float(mip_rel_gap), "disp": False}
     for _ in range(3):
         with _quiet_native_stdout():  # HiGHS prints debug lines from C++ even with disp=False
             res = milp(
-                cv / scale * 1000.0,
+                cv / scale,
                 integrality=np.ones(len(rows)),
                 bounds=Bounds(0, 1),
-                constraints=[LinearConstraint(A_w, -np.inf, cap), LinearConstraint(A_eq, 1, 1)],
-                options={"time_limit": time_limit, "mip_rel_gap": mip_rel_gap, "disp": False},
+                constraints=[
+                    LinearConstraint(A_w, -np.inf, cap),
+                    LinearConstraint(A_eq, 1, 1),
+                ],
+                options=options,
             )
         if res.x is None:
             raise RuntimeError(f"MILP found no solution: {res.message}")
         choice = np.array([cols[rows == i][np.argmax(res.x[rows == i])] for i in range(len(kept))])
-        used = w[np.arange(len(choice)), choice].sum()
-        if used <= capacity:
-            return choice if c[np.arange(n), choice].sum() <= upper else greedy
-        cap -= 2 * (used - capacity)  # HiGHS' feasibility tolerance; tighten and re-solve
-    return greedy
+        used = w[rows_n, choice].sum()
+        if used <= capacity + tol:  # tol: rounding of the sum, far below any option's step
+            nodes = int(getattr(res, "mip_node_count", 0) or 0)
+            dual = getattr(res, "mip_dual_bound", None)
+            bound = max(lower, float(dual) * scale) if dual is not None else lower
+            if c[rows_n, choice].sum() > upper:
+                return done(greedy, "greedy", bound, nodes)
+            return done(choice, "optimal" if res.status == 0 else "node_limit", bound, nodes)
+        cap -= max(1.5 * (used - capacity), tol)  # within HiGHS' tolerance: tighten, re-solve
+    return done(greedy, "greedy", lower)
 
 
 def _lower_hull(wk: np.ndarray, ck: np.ndarray) -> np.ndarray:
@@ -142,13 +205,22 @@ def _lower_hull(wk: np.ndarray, ck: np.ndarray) -> np.ndarray:
     return np.array(hull)
 
 
-def solve_mckp_lagrangian(costs, weights, capacity: float, iters: int = 100) -> np.ndarray:
-    """Lagrangian MCKP (§2.3): bisection on λ for argmin_c c + λ·w per row until the capacity is
+def solve_mckp_lagrangian(
+    costs, weights, capacity: float, iters: int = 100, return_info: bool = False
+):
+    """Lagrangian MCKP: bisection on λ for argmin_c c + λ·w per row until the capacity is
     just met, then greedy upgrades along each row's lower convex hull, best Δcost/Δweight first.
-    Returns the chosen column per row, int64 (N,); the gap to optimum is at most one hull step."""
+    Returns the chosen column per row, int64 (N,) (and a :class:`SolveInfo` with
+    ``return_info``; its bound is the Lagrangian dual). The gap is at most one hull step."""
     c, w = _as_arrays(costs, weights)
     _check_capacity(w, capacity)
-    return _lagrangian(c, w, capacity, prune_dominated(c, w), iters)[0]
+    choice, lam = _lagrangian(c, w, capacity, prune_dominated(c, w), iters)
+    if not return_info:
+        return choice
+    cost = float(c[np.arange(len(c)), choice].sum())
+    bound = float((c + lam * w).min(axis=1).sum() - lam * capacity)
+    gap = max(0.0, (cost - bound) / cost) if cost > 0 else 0.0
+    return choice, SolveInfo("lagrangian", "greedy", gap, cost, bound)
 
 
 def _lagrangian(
@@ -212,11 +284,13 @@ def allocate(
     table: ErrorTable | None = None,
     solver: str = "milp",
     fisher: Mapping[str, Tensor] | None = None,
-) -> ModelQuantConfig:
-    """The configuration minimising total error with average bits ≤ ``budget`` (§2.2).
+    return_info: bool = False,
+):
+    """The configuration minimising total error with average bits ≤ ``budget``.
 
     ``table`` (e.g. from the disk cache) skips computing errors; it is restricted to ``space``.
     Budgets outside [min, max] achievable average bits raise ``ValueError`` naming both numbers.
+    With ``return_info`` returns ``(config, SolveInfo)``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"quant.solver={solver!r} is not allowed; allowed: {list(SOLVERS)}")
@@ -242,21 +316,105 @@ def allocate(
         numels[:, None] * table.storage_bits()[None, :] / numels.sum()
     )  # (N, K) average-bit share
     solve = solve_mckp_milp if solver == "milp" else solve_mckp_lagrangian
-    choice = solve(table.costs.numpy(), item, max(float(budget), lo))
+    choice, info = solve(table.costs.numpy(), item, max(float(budget), lo), return_info=True)
     config = ModelQuantConfig(
         {n: table.options[k] for n, k in zip(table.names, choice)},
         dict(zip(table.names, table.numels)),
     )
     if config.average_bits() > budget + 1e-9:
         raise RuntimeError(f"allocation exceeds the budget: {config.average_bits()} > {budget}")
-    return config
+    return (config, info) if return_info else config
+
+
+def allocation_path(
+    cache_dir: str | Path,
+    model_name: str,
+    space: QuantSpace,
+    table: ErrorTable,
+    solver: str,
+    budget,
+) -> Path:
+    """Cache file of one allocation: keyed by model, space, table content, solver and budget."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_") or "model"
+    tag = (
+        f"{slug}-{space.digest()}-{table.kind}-{table.fingerprint[:12]}-{solver}-{float(budget):g}"
+    )
+    return Path(cache_dir) / "allocations" / f"alloc-v{ALLOCATION_VERSION}-{tag}.json"
+
+
+def cached_allocation(
+    table: ErrorTable,
+    budget: float,
+    space: QuantSpace,
+    cache_dir: str | Path | None,
+    model_name: str,
+    solver: str = "milp",
+) -> tuple[ModelQuantConfig, SolveInfo]:
+    """``allocate(None, budget, space, table, solver)`` through a checksummed, locked disk cache.
+
+    Two runs missing the same entry at once solve it once (the second reads the first's file);
+    a corrupt or stale file is reported (warning naming it) and rewritten; an unwritable cache
+    warns and returns the fresh allocation. Raises ``ValueError`` for unreachable budgets.
+    """
+    from coalora.cachefile import get_or_compute, json_bytes, json_value
+
+    table = table.restrict(space)
+
+    def compute() -> dict:
+        config, info = allocate(None, budget, space, table=table, solver=solver, return_info=True)
+        return {
+            "version": ALLOCATION_VERSION,
+            "budget": float(budget),
+            "solver": solver,
+            "table_fingerprint": table.fingerprint,
+            "solve": info.to_dict(),
+            "config": config.to_dict(),
+        }
+
+    def decode(payload: bytes) -> tuple[ModelQuantConfig, SolveInfo]:
+        d = json_value(payload)
+        if d.get("version") != ALLOCATION_VERSION or d.get("budget") != float(budget):
+            raise ValueError("it is for another version or budget")
+        if d.get("table_fingerprint") != table.fingerprint or d.get("solver") != solver:
+            raise ValueError("it was computed from another error table or solver")
+        config = ModelQuantConfig.from_dict(d["config"], "cached allocation")
+        config.validate_names(table.names)
+        if config.average_bits() > float(budget) + 1e-9:
+            raise ValueError(f"its average bits {config.average_bits():.4f} exceed the budget")
+        return config, SolveInfo.from_dict(d["solve"])
+
+    if cache_dir is None:
+        return decode(json_bytes(compute()))
+    path = allocation_path(cache_dir, model_name, space, table, solver, budget)
+    return get_or_compute(path, compute, json_bytes, decode, what="allocation")
+
+
+def cached_allocations(
+    table: ErrorTable,
+    budgets: list[float],
+    space: QuantSpace,
+    cache_dir: str | Path | None,
+    model_name: str,
+    solver: str = "milp",
+) -> dict[float, ModelQuantConfig]:
+    """:func:`cached_allocation` for each budget (budget -> configuration, in order)."""
+    return {
+        float(b): cached_allocation(table, b, space, cache_dir, model_name, solver)[0]
+        for b in budgets
+    }
 
 
 __all__ = [
+    "ALLOCATION_VERSION",
     "ErrorTable",
+    "SolveInfo",
     "allocate",
+    "allocation_path",
+    "cached_allocation",
+    "cached_allocations",
     "build_error_table",
     "cached_error_table",
+    "cached_table",
     "prune_dominated",
     "solve_mckp_lagrangian",
     "solve_mckp_milp",

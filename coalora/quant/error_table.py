@@ -1,15 +1,18 @@
 """Error tables for budget allocation: the error of every (layer, option) pair, cached on disk.
 
 costs[i, c] = ‖D ⊙ (W_i − Ŵ_i(c))‖²_F with D = √Fisher (or 1) and Ŵ = fake quantization, or a
-caller's residual function (LQ-LoRA's decomposition-aware errors), research/algorithms.md §2.1.
-Tables are saved as safetensors (atomic write) keyed by model name, space hash and kind, and carry
-a fingerprint of the weights so a cached table never serves other weights.
+caller's residual function (decomposition-aware errors of LQ-LoRA, arXiv 2311.12023). Tables
+are saved as safetensors (atomic write) keyed by model name, space hash and kind, and carry a
+fingerprint of the weights, so a cached table never serves other weights, and a SHA-256 of their
+content, so a truncated or edited file is detected, reported and rebuilt (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,9 +22,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coalora.io import atomic_write
+from coalora.cachefile import get_or_compute
+from coalora.io import atomic_write_bytes
 from coalora.quant.config import QuantConfig, QuantSpace
 from coalora.quant.nf import quantization_errors
+
+log = logging.getLogger(__name__)
 
 TABLE_VERSION = "1"
 
@@ -76,8 +82,17 @@ class ErrorTable:
             self.fingerprint,
         )
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    def _content_digest(self, meta: dict[str, str]) -> str:
+        """SHA-256 over the tensors and every metadata field except the digest itself."""
+        h = hashlib.sha256()
+        h.update(json.dumps({k: v for k, v in sorted(meta.items()) if k != "sha256"}).encode())
+        h.update(self.costs.contiguous().numpy().tobytes())
+        h.update(np.asarray(self.numels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def to_bytes(self) -> bytes:
+        """A safetensors file (costs, numels) whose metadata holds the layout and a SHA-256."""
+        from safetensors.torch import save
 
         meta = {
             "version": TABLE_VERSION,
@@ -86,31 +101,59 @@ class ErrorTable:
             "names": json.dumps(self.names),
             "options": json.dumps([qc.key for qc in self.options]),
         }
+        meta["sha256"] = self._content_digest(meta)
         tensors = {
             "costs": self.costs.contiguous(),
             "numels": torch.tensor(self.numels, dtype=torch.int64),
         }
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return save(tensors, metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> ErrorTable:
-        from safetensors import safe_open
+    def from_bytes(
+        cls, data: bytes, source: str = "error table", require_checksum: bool = True
+    ) -> ErrorTable:
+        """Parse :meth:`to_bytes` output; ``ValueError`` naming ``source`` when the bytes are
+        truncated, not a table, of another version, or fail the SHA-256 check (a table without
+        a checksum, from an older coalora, is accepted only with ``require_checksum=False``)."""
+        from safetensors.torch import load
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("version") != TABLE_VERSION:
-                raise ValueError(
-                    f"{path}: error table version {meta.get('version')!r}, expected {TABLE_VERSION}"
-                )
-            costs, numels = f.get_tensor("costs"), f.get_tensor("numels")
-        return cls(
-            names=json.loads(meta["names"]),
-            numels=[int(n) for n in numels.tolist()],
-            options=[QuantConfig.from_key(k) for k in json.loads(meta["options"])],
-            costs=costs,
-            kind=meta["kind"],
-            fingerprint=meta.get("fingerprint", ""),
-        )
+        where = f"{source}: " if source else ""
+        try:
+            size = int.from_bytes(data[:8], "little")
+            if len(data) < 8 + size:
+                raise ValueError(f"{len(data)} bytes, shorter than its header")
+            meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+            tensors = load(data)
+        except Exception as e:
+            raise ValueError(f"{where}not a readable error table ({e})") from None
+        if meta.get("version") != TABLE_VERSION:
+            raise ValueError(
+                f"{where}error table version {meta.get('version')!r}, expected {TABLE_VERSION}"
+            )
+        if "sha256" not in meta and require_checksum:
+            raise ValueError(f"{where}no checksum (written by an older coalora)")
+        try:
+            table = cls(
+                names=json.loads(meta["names"]),
+                numels=[int(n) for n in tensors["numels"].tolist()],
+                options=[QuantConfig.from_key(k) for k in json.loads(meta["options"])],
+                costs=tensors["costs"],
+                kind=meta["kind"],
+                fingerprint=meta.get("fingerprint", ""),
+            )
+        except Exception as e:
+            raise ValueError(f"{where}inconsistent error table ({e})") from None
+        if "sha256" in meta and table._content_digest(meta) != meta["sha256"]:
+            raise ValueError(f"{where}SHA-256 does not match the content (modified?)")
+        return table
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path, require_checksum: bool = False) -> ErrorTable:
+        """A table file written by :meth:`save`; its checksum is verified when it has one."""
+        return cls.from_bytes(Path(path).read_bytes(), str(path), require_checksum)
 
 
 def weights_fingerprint(
@@ -118,12 +161,12 @@ def weights_fingerprint(
 ) -> str:
     """Cheap content hash (names, shapes, Σ|w|, Σw²) so a cached table never serves other weights."""
     h = hashlib.sha1()
-    for src in (weights, fisher or {}):
-        for name, w in src.items():
-            w = w.detach().double()
-            h.update(
-                f"{name}:{tuple(w.shape)}:{w.abs().sum().item():.12e}:{w.square().sum().item():.12e};".encode()
-            )
+    with _one_thread():
+        for src in (weights, fisher or {}):
+            for name, w in src.items():
+                w = w.detach().double()
+                l1, l2 = w.abs().sum().item(), w.square().sum().item()
+                h.update(f"{name}:{tuple(w.shape)}:{l1:.12e}:{l2:.12e};".encode())
     return h.hexdigest()[:16]
 
 
@@ -141,6 +184,31 @@ def build_error_table(
     space = space or QuantSpace()
     options = space.options()
     kind = kind or ("custom" if residual_fn else "fisher" if fisher is not None else "mse")
+    with _one_thread():
+        costs = _error_rows(weights, options, fisher, residual_fn)
+    return ErrorTable(
+        names=list(weights),
+        numels=[int(W.numel()) for W in weights.values()],
+        options=options,
+        costs=costs,
+        kind=kind,
+        fingerprint=weights_fingerprint(weights, fisher),
+    )
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread: torch splits a CPU sum into per-thread partial sums, so the last bits
+    of every error (and then near-tie allocations) would depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _error_rows(weights, options, fisher, residual_fn) -> Tensor:
     rows = []
     for name, W in weights.items():
         F = None
@@ -161,19 +229,37 @@ def build_error_table(
             err = (Wf - residual_fn(Wf, qc).to(torch.float32)).square()
             row[k] = (err if F is None else err * F).sum(dtype=torch.float64)
         rows.append(row)
-    return ErrorTable(
-        names=list(weights),
-        numels=[int(W.numel()) for W in weights.values()],
-        options=options,
-        costs=torch.stack(rows),
-        kind=kind,
-        fingerprint=weights_fingerprint(weights, fisher),
-    )
+    return torch.stack(rows)  # (N, K)
 
 
 def table_path(cache_dir: str | Path, model_name: str, space: QuantSpace, kind: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_") or "model"
     return Path(cache_dir) / f"errors-{slug}-{kind}-{space.digest()}.safetensors"
+
+
+def cached_table(
+    path: Path | None,
+    names: list[str],
+    fingerprint: str,
+    build: Callable[[], ErrorTable],
+) -> ErrorTable:
+    """The table at ``path`` if it verifies and matches (``names``, ``fingerprint``), else
+    ``build()`` written there. Concurrent callers build once (file lock); a corrupt or stale file
+    is reported with a warning naming it and rewritten; an unwritable cache only warns."""
+    if path is None:
+        return build()
+
+    def decode(data: bytes) -> ErrorTable:
+        table = ErrorTable.from_bytes(data, source="")  # the caller's warning names the file
+        if table.names != names:
+            raise ValueError("its layers differ from the model's")
+        if table.fingerprint != fingerprint:
+            raise ValueError("it was computed for other weights")
+        return table
+
+    return get_or_compute(
+        path, build, ErrorTable.to_bytes, decode, what="error table", framed=False
+    )
 
 
 def cached_error_table(
@@ -185,31 +271,28 @@ def cached_error_table(
     residual_fn: Callable[[Tensor, QuantConfig], Tensor] | None = None,
     kind: str | None = None,
 ) -> ErrorTable:
-    """``build_error_table`` through a disk cache; a file for other weights is rebuilt.
+    """``build_error_table`` through a disk cache (:func:`cached_table`).
 
     The file is keyed by ``model_name``, the space's digest and ``kind`` (default mse / fisher /
     custom). With a ``residual_fn`` pass a ``kind`` naming its settings (e.g. ``"lq-r64"``): the
     function itself is not part of the key.
     """
     kind = kind or ("custom" if residual_fn else "fisher" if fisher is not None else "mse")
-    if cache_dir is None:
-        return build_error_table(weights, space, fisher, residual_fn, kind)
-    path = table_path(cache_dir, model_name, space, kind)
-    if path.exists():
-        table = ErrorTable.load(path)
-        if table.names == list(weights) and table.fingerprint == weights_fingerprint(
-            weights, fisher
-        ):
-            return table.restrict(space)
-    table = build_error_table(weights, space, fisher, residual_fn, kind)
-    table.save(path)
-    return table
+    path = None if cache_dir is None else table_path(cache_dir, model_name, space, kind)
+    table = cached_table(
+        path,
+        list(weights),
+        weights_fingerprint(weights, fisher),
+        lambda: build_error_table(weights, space, fisher, residual_fn, kind),
+    )
+    return table.restrict(space)
 
 
 __all__ = [
     "ErrorTable",
     "build_error_table",
     "cached_error_table",
+    "cached_table",
     "table_path",
     "weights_fingerprint",
 ]

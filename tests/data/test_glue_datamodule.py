@@ -213,3 +213,25 @@ def test_hub_fallback_maps_columns(task_cfg, word_tokenizer, monkeypatch):
 
 class FakeSplit(dict):
     """Column access like ``datasets.Dataset``: ``split[column] -> list``."""
+
+
+def test_sampler_state_resumes_mid_epoch(task_cfg, word_tokenizer, glue_dir):
+    """A loader built with a resume position yields the rest of that epoch's batches."""
+    ref = make_dm(task_cfg, word_tokenizer, glue_dir.parent, group_by_length=True)
+    ref.setup()
+    loader = ref.train_dataloader()
+    loader.sampler.set_epoch(1)
+    epoch1 = [b["input_ids"].tolist() for b in loader]
+    dm = make_dm(task_cfg, word_tokenizer, glue_dir.parent, group_by_length=True)
+    dm.setup()
+    dm.resume_position = (1, 3)
+    resumed = dm.train_dataloader()
+    assert [b["input_ids"].tolist() for b in resumed] == epoch1[3:]
+    resumed.sampler.set_epoch(2)
+    assert len(list(resumed)) == len(epoch1)  # the next epoch is whole again
+    dm.resume_position = (1, len(epoch1))  # a checkpoint at the end of epoch 1
+    assert dm.train_dataloader().sampler.state_dict()["epoch"] == 2
+    with pytest.raises(ValueError, match="seed=0, this run has 5"):
+        other = make_dm(task_cfg, word_tokenizer, glue_dir.parent, seed=5, group_by_length=True)
+        other.setup()
+        other.train_dataloader().sampler.load_state_dict(loader.sampler.state_dict())

@@ -1,4 +1,4 @@
-"""Budget allocation (algorithms.md §2): exact MCKP, Lagrangian fallback, error tables."""
+"""Budget allocation (LQ-LoRA's MCKP, arXiv 2311.12023): exact MILP, Lagrangian fallback, error tables."""
 
 from __future__ import annotations
 
@@ -180,3 +180,47 @@ def test_save_load_and_disk_cache(tmp_path, weights, table, monkeypatch):
     changed = {**weights, "layer0.w": weights["layer0.w"] * 2}
     rebuilt = cached_error_table(changed, SMALL, tmp_path, "tiny/model")  # other weights: rebuild
     assert rebuilt.costs[0, 0] > first.costs[0, 0]
+
+
+# ------------------------------------------------------------------ solver status, determinism
+def test_milp_reports_status_and_gap(weights, table):
+    config, info = allocate(weights, 3.0, SMALL, table=table, return_info=True)
+    assert info.solver == "milp" and info.status in ("optimal", "presolved")
+    assert 0.0 <= info.gap <= 1e-6 and info.bound <= info.cost * (1 + 1e-12)
+    assert info.cost == pytest.approx(total_cost(table, config), rel=1e-12)
+    _, lag = allocate(weights, 3.0, SMALL, table=table, solver="lagrangian", return_info=True)
+    assert lag.solver == "lagrangian" and lag.status == "greedy" and lag.bound <= lag.cost
+
+
+def test_milp_has_no_wall_clock_limit(monkeypatch):
+    """The answer may not depend on machine speed: HiGHS gets a node limit, never a time limit."""
+    import scipy.optimize
+
+    seen = []
+    real = scipy.optimize.milp
+
+    def spy(*a, options=None, **k):
+        seen.append(dict(options))
+        return real(*a, options=options, **k)
+
+    monkeypatch.setattr(scipy.optimize, "milp", spy)
+    rng = np.random.default_rng(1)
+    costs = rng.uniform(1, 2, size=(12, 6)) * np.array([32, 16, 8, 4, 2, 1.0])
+    w = np.tile(np.array([1, 2, 3, 4, 5, 6.0]), (12, 1)) / 12
+    solve_mckp_milp(costs, w, 3.3)
+    assert seen and all("time_limit" not in o and o["node_limit"] > 0 for o in seen)
+
+
+def test_error_table_does_not_depend_on_the_thread_count():
+    # large enough for torch to split the sums across threads (small tensors stay serial)
+    g = torch.Generator().manual_seed(0)
+    weights = {f"l{i}": torch.randn(1536, 384, generator=g) * 0.05 for i in range(2)}
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build_error_table(weights, SMALL)
+        torch.set_num_threads(2)
+        two = build_error_table(weights, SMALL)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert torch.equal(one.costs, two.costs) and one.fingerprint == two.fingerprint
