@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from coalora.quant import ErrorTable, QuantSpace, fake_quantize, prune_dominated
-from coalora.quant.allocation import table_path, weights_fingerprint
+from coalora.quant.error_table import cached_table, table_path, weights_fingerprint
 from coalora.quant.lq import lq_decompose
 
 log = logging.getLogger(__name__)
@@ -185,14 +185,14 @@ def cached_lq_error_table(
     weighted = kwargs.get("weighted_error") or kwargs.get("weighted_svd")
     fingerprint = weights_fingerprint(weights, fisher if weighted else None)
     path = None if cache_dir is None else table_path(cache_dir, model_name, space, kind)
-    if path is not None and path.exists():
-        table = ErrorTable.load(path)
-        if table.names == list(weights) and table.fingerprint == fingerprint:
-            return table.restrict(space), 0.0
-    t0 = time.perf_counter()
-    table = lq_error_table(weights, space, rank, iters, kind=kind, **kwargs)
-    seconds = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(path)
-    return table, seconds
+    spent = [0.0]
+
+    def build() -> ErrorTable:
+        t0 = time.perf_counter()
+        table = lq_error_table(weights, space, rank, iters, kind=kind, **kwargs)
+        spent[0] = time.perf_counter() - t0
+        return table
+
+    # checksummed, locked and self-healing like every quant cache (docs/reliability.md)
+    table = cached_table(path, list(weights), fingerprint, build)
+    return table.restrict(space), spent[0]

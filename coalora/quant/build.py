@@ -20,7 +20,13 @@ from typing import Any
 from torch import Tensor
 
 from coalora.errors import CoaloraError, ConfigError
-from coalora.quant.allocation import SOLVERS, allocate, build_error_table, cached_error_table
+from coalora.quant.allocation import (
+    SOLVERS,
+    allocate,
+    build_error_table,
+    cached_allocations,
+    cached_error_table,
+)
 from coalora.quant.config import FIELDS, ModelQuantConfig, QuantConfig, QuantSpace
 from coalora.quant.error_table import ErrorTable
 from coalora.quant.linear import DequantCache
@@ -237,30 +243,15 @@ def allocations(
     """The data-free allocation per budget: the configuration every method is scored on.
 
     Cached on disk next to the error table (keyed by the table's fingerprint, space, budget and
-    solver), so training, evaluation, export and search all read the same configuration."""
+    solver; checksummed and written under a file lock, docs/reliability.md), so training,
+    evaluation, export and search all read the same configuration."""
     table = cached_error_table(weights, space, str(cache_dir) if cache_dir else None, model_name)
-    out: dict[float, ModelQuantConfig] = {}
-    for b in budgets:
-        b = float(b)
-        path = None
-        if cache_dir is not None:
-            tag = f"{model_name}-{space.digest()}-{str(table.fingerprint)[:12]}-{solver}-{b:g}"
-            path = Path(cache_dir) / "allocations" / f"alloc-{tag}.json"
-            if path.is_file():
-                try:
-                    cfg = ModelQuantConfig.from_json(path)
-                    cfg.validate_names(list(weights))
-                    out[b] = cfg
-                    continue
-                except Exception as e:  # unreadable or stale: recompute
-                    log.warning("ignoring cached allocation %s: %s", path, e)
-        try:
-            out[b] = allocate(weights, b, space, table=table, solver=solver)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if path is not None:
-            out[b].to_json(path)
-    return out
+    try:
+        return cached_allocations(
+            table, [float(b) for b in budgets], space, cache_dir, model_name, solver
+        )
+    except ValueError as e:  # an unreachable budget names both achievable ends
+        raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------- function forms of the settings

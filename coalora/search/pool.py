@@ -9,19 +9,17 @@ so a pool entry at b bits is exactly the configuration every method is evaluated
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
+from coalora.cachefile import get_or_compute, json_bytes, json_value
 from coalora.errors import ConfigError
 from coalora.quant import ModelQuantConfig, QuantSpace
 from coalora.quant.build import allocations
 from coalora.search.configset import ConfigSet
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,36 +80,38 @@ def initial_pool(
     """(configurations, sources): the deduplicated allocations on ``grid``, each labelled with
     the first budget that produced it (``allocation@<bits>``)."""
     names = list(weights)
-    path = None
-    if cache_dir is not None:
-        g = grid
-        path = (
-            Path(cache_dir)
-            / f"pool-{model_name}-{space.digest()}-{g.start:g}-{g.stop:g}-{g.step:g}.json"
-        )
-        if path.is_file():
-            try:
-                cs = ConfigSet.load(path, expected_names=names, space=space)
-                return cs.to_model_configs(), [e.source or "allocation" for e in cs.entries]
-            except Exception as e:  # stale cache (other weights or schema): rebuild
-                log.warning("ignoring cached pool %s: %s", path, e)
-    budgets = grid.budgets(space, key)
-    allocs = allocations(weights, budgets, space, cache_dir, model_name, solver)
-    configs = dedupe(list(allocs.values()))
-    by_config: dict[tuple, str] = {}
-    for b, c in allocs.items():
-        by_config.setdefault(tuple(c.configs.items()), f"allocation@{b:g}")
-    sources = [by_config[tuple(c.configs.items())] for c in configs]
-    if path is not None:
-        ConfigSet.from_model_configs(
+
+    def compute() -> dict:
+        budgets = grid.budgets(space, key)
+        allocs = allocations(weights, budgets, space, cache_dir, model_name, solver)
+        configs = dedupe(list(allocs.values()))
+        by_config: dict[tuple, str] = {}
+        for b, c in allocs.items():
+            by_config.setdefault(tuple(c.configs.items()), f"allocation@{b:g}")
+        return ConfigSet.from_model_configs(
             configs,
             space=space,
-            sources=sources,
+            sources=[by_config[tuple(c.configs.items())] for c in configs],
             pareto=[True] * len(configs),
             provenance={
                 "model": model_name,
                 "kind": "initial pool",
                 "grid": [grid.start, grid.stop, grid.step],
+                "solver": solver,
             },
-        ).save(path)
-    return configs, sources
+        ).to_dict()
+
+    def decode(payload: bytes) -> tuple[list[ModelQuantConfig], list[str]]:
+        cs = ConfigSet.from_dict(
+            json_value(payload), expected_names=names, space=space, where="cached pool"
+        )
+        return cs.to_model_configs(), [e.source or "allocation" for e in cs.entries]
+
+    if cache_dir is None:
+        return decode(json_bytes(compute()))
+    g = grid
+    path = (
+        Path(cache_dir)
+        / f"pool-v2-{model_name}-{space.digest()}-{solver}-{g.start:g}-{g.stop:g}-{g.step:g}.json"
+    )
+    return get_or_compute(path, compute, json_bytes, decode, what="initial pool")

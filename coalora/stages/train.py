@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import CoaloraError, ConfigError
@@ -41,7 +42,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     try:
         t1 = time.perf_counter()
-        trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        try:
+            trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        except SIGTERMException:  # Lightning's is a SystemExit(0): schedulers would see success
+            raise Interrupted(stop_on_sigterm(trainer, run_dir)) from None
         fit_s = time.perf_counter() - t1
         if trainer.received_sigterm:
             raise Interrupted(stop_on_sigterm(trainer, run_dir))
@@ -93,13 +97,22 @@ def check_fresh_run_dir(run_dir, ckpt_path) -> None:
 
 
 def stop_on_sigterm(trainer, run_dir) -> str:
-    """Write a resumable last.ckpt at the step reached and say how to resume."""
+    """Say where the resumable last.ckpt is (``LastCheckpoint`` wrote it at the step reached;
+    without that callback it is written here)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(str(ckpt))
+    if not ckpt.is_file() or _ckpt_step(ckpt) != trainer.global_step:
+        trainer.save_checkpoint(str(ckpt))
     return (
         f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={ckpt} "
         "(no results were written)"
     )
+
+
+def _ckpt_step(path) -> int | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("global_step")
+    except Exception:
+        return None
 
 
 def print_summary(results: dict[str, Any]) -> None:

@@ -52,9 +52,10 @@ def compose_run(run_dir: str | Path, cache_dir: str | Path, overrides: list[str]
 
 def main() -> None:
     """``python chaos.py <run_dir> <cache_dir> <json overrides>``: one training run."""
+    from coalora.stages.entry import guarded
     from coalora.stages.train import run
 
-    run(compose_run(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))
+    guarded(run, compose_run(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])))
 
 
 if __name__ == "__main__":
