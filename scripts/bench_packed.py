@@ -1,0 +1,456 @@
+"""Benchmark packed vs dequantized quantized storage on the embedded MiniLM-L6 (docs/packed.md).
+
+One run measures, on the allocations at 2.5/3.0/3.5/4.0 average bits (MILP over the 432-option
+grid, error table cached under --cache-dir):
+
+* bytes: the resident weight bytes of a model frozen on one configuration (original dropped) vs
+  the storage formula (average bits × target parameters / 8 + every non-target weight);
+* speed: forward+backward+AdamW step time of LoRA (r=8) on the packed, dequantized and
+  full-precision base, interleaved round-robin in one process (the machine is shared), medians;
+* switch: the time to switch all 36 layers between cached configurations (and first use);
+* layers: one linear's forward+backward at several shapes (per model size);
+* rss: peak RSS of a fixed number of training steps, each variant in its own process
+  (``ru_maxrss`` for the whole process, ``VmHWM`` reset after setup for the steps alone).
+
+Writes docs/results/packed_minilm.{json,md}.
+
+    OMP_NUM_THREADS=1 python scripts/bench_packed.py [--reps 7] [--parts bytes,speed,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coalora.io import atomic_write_json  # noqa: E402
+from coalora.quant import (  # noqa: E402
+    NF3,
+    NF4,
+    DequantCache,
+    ModelQuantConfig,
+    QuantSpace,
+    allocate,
+    cached_error_table,
+    formula_weight_bytes,
+    freeze_model,
+    model_weights,
+    pack_quantized,
+    packed_linear,
+    quantize_model,
+    quantize_nf,
+    resident_weight_bytes,
+    set_model_config,
+)
+from coalora.report.bench import emit_markdown, header_lines  # noqa: E402
+
+BUDGETS = (2.5, 3.0, 3.5, 4.0)
+PARTS = ("bytes", "speed", "switch", "layers", "rss")
+RSS_VARIANTS = ("fp", "dequantized", "packed", "dequantized_multi", "packed_multi")
+OUT = ROOT / "docs" / "results"
+
+
+def load_minilm():
+    from omegaconf import OmegaConf
+
+    from coalora.models.loading import build_model, target_names
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "minilm_l6.yaml")
+    model = build_model(cfg, num_labels=2, seed=0)
+    return model, target_names(model, list(cfg.target_modules))
+
+
+def allocations(cache_dir: Path) -> dict[float, ModelQuantConfig]:
+    """The four budgets' allocations, cached as JSON next to the error table."""
+    path = cache_dir / "packed-bench-allocations-minilm_l6.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return {float(b): ModelQuantConfig.from_dict(d) for b, d in data.items()}
+    model, names = load_minilm()
+    weights = model_weights(model, names)
+    space = QuantSpace()
+    table = cached_error_table(weights, space, cache_dir, "minilm_l6")
+    out = {b: allocate(weights, b, space, table=table) for b in BUDGETS}
+    atomic_write_json(path, {str(b): c.to_dict() for b, c in out.items()})
+    return out
+
+
+def lora_model(storage: str | None, config: ModelQuantConfig | None, rank: int = 8):
+    """MiniLM with LoRA on every target; base quantized with ``storage`` (None = fp)."""
+    from coalora.adapters.inject import inject
+    from coalora.adapters.lora import LoRALinear
+
+    model, names = load_minilm()
+    if storage is not None:
+        quantize_model(model, names, config, DequantCache(storage=storage))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    inject(model, names, lambda n, m: LoRALinear(m, rank, 2 * rank))
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.01)  # nonzero B: the backward goes through every base
+    model.train()
+    return model, names, torch.optim.AdamW(params, lr=1e-4)
+
+
+def batch(seq: int, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1000, 29000, (size, seq), generator=g),
+        "attention_mask": torch.ones(size, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (size,), generator=g),
+    }
+
+
+def train_step(model, opt, b) -> None:
+    loss = model(**b).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def median_ms(xs: list[float]) -> float:
+    return round(statistics.median(xs) * 1e3, 2)
+
+
+def part_bytes(configs) -> list[dict]:
+    rows = []
+    for b, config in configs.items():
+        model, names = load_minilm()
+        quantize_model(model, names, config, DequantCache(storage="packed"))
+        freeze_model(model, [config], keep_original="drop")
+        got = resident_weight_bytes(model)
+        want = formula_weight_bytes(model, config)
+        targets = sum(config.numels.values())
+        rows.append(
+            {
+                "budget": b,
+                "average_bits": round(config.average_bits(), 4),
+                "target_params": targets,
+                "resident_bytes": got["total"],
+                "packed_target_bytes": got["quantized"],
+                "non_target_bytes": got["other"],
+                "formula_bytes": round(want),
+                "rel_diff": round(got["total"] / want - 1, 6),
+                "fp_bytes": got["other"] + 4 * targets,
+            }
+        )
+        dense, _ = load_minilm()
+        quantize_model(dense, names, config, DequantCache(storage="dequantized"))
+        rows[-1]["dequantized_resident_bytes"] = resident_weight_bytes(dense)["total"]
+        del model, dense
+        gc.collect()
+    return rows
+
+
+def part_speed(configs, reps: int, seqs: list[int]) -> list[dict]:
+    variants = {
+        "packed": lora_model("packed", configs[BUDGETS[0]]),
+        "dequantized": lora_model("dequantized", configs[BUDGETS[0]]),
+        "fp": lora_model(None, None),
+    }
+    rows = []
+    for seq in seqs:
+        b = batch(seq)
+        for budget, config in configs.items():
+            for name in ("packed", "dequantized"):
+                set_model_config(variants[name][0], config)
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            order = list(variants)
+            for v in order:  # warm-up
+                train_step(variants[v][0], variants[v][2], b)
+            for r in range(reps):
+                for v in order[r % 3 :] + order[: r % 3]:  # rotate: no variant always first
+                    model, _, opt = variants[v]
+                    t = time.perf_counter()
+                    train_step(model, opt, b)
+                    times[v].append(time.perf_counter() - t)
+            row = {"seq": seq, "batch": 32, "budget": budget, "reps": reps}
+            row.update({f"{v}_ms": median_ms(t) for v, t in times.items()})
+            row["packed_over_dequantized"] = round(row["packed_ms"] / row["dequantized_ms"], 4)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def part_switch(configs, reps: int) -> list[dict]:
+    rows = []
+    for storage in ("packed", "dequantized"):
+        model, names = load_minilm()
+        cache = DequantCache(storage=storage)
+        layers = quantize_model(model, names, None, cache)
+        first = {}
+        for b, config in configs.items():
+            t = time.perf_counter()
+            set_model_config(model, config, layers)
+            first[b] = time.perf_counter() - t
+        times = []
+        for _ in range(reps):
+            for config in configs.values():
+                t = time.perf_counter()
+                set_model_config(model, config, layers)
+                times.append(time.perf_counter() - t)
+        rows.append(
+            {
+                "storage": storage,
+                "switch_ms": median_ms(times),
+                "first_use_ms": {str(b): round(s * 1e3, 1) for b, s in first.items()},
+                "cache_mb": round(cache.nbytes / 2**20, 2),
+                "entries": len(cache),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_layers(reps: int, tokens: int = 2048) -> list[dict]:
+    """One linear, forward + backward wrt the input: dense weight vs packed (dequantize twice)."""
+    rows = []
+    for d_out, d_in in [(384, 384), (1536, 384), (384, 1536), (2048, 2048)]:
+        torch.manual_seed(0)
+        W = torch.randn(d_out, d_in) * 0.02
+        x = torch.randn(tokens, d_in, requires_grad=True)
+        gy = torch.randn(tokens, d_out)
+        for qc in (NF4, NF3):
+            p = pack_quantized(quantize_nf(W, qc))
+            dense = W.clone()
+
+            def run_dense(x=x, w=dense, gy=gy):
+                torch.autograd.grad(F.linear(x, w), x, gy)
+
+            def run_packed(x=x, p=p, gy=gy):
+                torch.autograd.grad(packed_linear(x, p), x, gy)
+
+            times = {"dense": [], "packed": []}
+            run_dense(), run_packed()
+            for r in range(reps):
+                for name, fn in (("dense", run_dense), ("packed", run_packed))[:: 1 - 2 * (r % 2)]:
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
+            row = {"shape": [d_out, d_in], "tokens": tokens, "config": qc.key}
+            row.update({f"{k}_ms": median_ms(v) for k, v in times.items()})
+            row["ratio"] = round(row["packed_ms"] / row["dense_ms"], 4)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
+    """One variant's training steps; prints a JSON line with its memory numbers (KiB)."""
+    configs = allocations(cache_dir)
+    rss_start = _status_kb("VmRSS")
+    storage = None if variant == "fp" else variant.split("_")[0]
+    multi = variant.endswith("_multi")
+    model, names, opt = lora_model(storage, None if storage is None else configs[3.0])
+    if storage == "packed" and not multi:
+        freeze_model(model, [configs[3.0]], keep_original="drop")
+    gc.collect()
+    b = batch(seq)
+    cycle = list(configs.values()) if multi else [None]
+    if multi:  # first use of every configuration before the measured steps
+        for config in cycle:
+            set_model_config(model, config)
+    rss_setup = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the steps' own peak
+        reset = True
+    except OSError:
+        reset = False
+    for i in range(steps):
+        if multi:
+            set_model_config(model, cycle[i % len(cycle)])
+        train_step(model, opt, b)
+    weights = resident_weight_bytes(model)
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "steps": steps,
+                "seq": seq,
+                "rss_start_kb": rss_start,
+                "rss_after_setup_kb": rss_setup,
+                "peak_steps_kb": _status_kb("VmHWM") if reset else None,
+                "peak_process_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "weight_bytes": weights,
+            }
+        ),
+        flush=True,
+    )
+
+
+def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for variant in RSS_VARIANTS:
+        cmd = [sys.executable, __file__, "--rss-child", variant, "--steps", str(steps)]
+        cmd += ["--rss-seq", str(seq), "--cache-dir", str(cache_dir)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(results: dict, command: str) -> list[str]:
+    lines = header_lines("Packed vs dequantized storage (MiniLM-L6)", command)
+    lines[0] = "# " + lines[0][3:]
+    if "bytes" in results:
+        lines += [
+            "### Resident weight bytes vs the storage formula (original dropped)",
+            "",
+            "| budget | avg bits | packed targets | non-target | resident | formula | diff "
+            "| dequantized (orig + copy) | fp |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["bytes"]:
+            mb = lambda v: f"{v / 2**20:.2f} MiB"  # noqa: E731
+            lines.append(
+                f"| {r['budget']} | {r['average_bits']} | {mb(r['packed_target_bytes'])} | "
+                f"{mb(r['non_target_bytes'])} | {mb(r['resident_bytes'])} | "
+                f"{mb(r['formula_bytes'])} | {100 * r['rel_diff']:+.3f}% | "
+                f"{mb(r['dequantized_resident_bytes'])} | {mb(r['fp_bytes'])} |"
+            )
+        lines.append("")
+    if "speed" in results:
+        lines += [
+            "### Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
+            "",
+            "| seq | budget | packed ms | dequantized ms | fp ms | packed / dequantized |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["speed"]:
+            lines.append(
+                f"| {r['seq']} | {r['budget']} | {r['packed_ms']} | {r['dequantized_ms']} | "
+                f"{r['fp_ms']} | {r['packed_over_dequantized']:.3f} |"
+            )
+        lines.append("")
+    if "switch" in results:
+        lines += [
+            "### Configuration switch (36 layers, all four configurations cached)",
+            "",
+            "| storage | switch ms (median) | first use ms per budget | cache MiB | entries |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["switch"]:
+            first = ", ".join(f"{b}: {v}" for b, v in r["first_use_ms"].items())
+            lines.append(
+                f"| {r['storage']} | {r['switch_ms']} | {first} | {r['cache_mb']} | "
+                f"{r['entries']} |"
+            )
+        lines.append("")
+    if "layers" in results:
+        lines += [
+            "### One linear, fwd + bwd wrt input, 2048 tokens (dense weight vs packed)",
+            "",
+            "| shape (out, in) | config | dense ms | packed ms | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["layers"]:
+            lines.append(
+                f"| {tuple(r['shape'])} | {r['config']} | {r['dense_ms']} | {r['packed_ms']} | "
+                f"{r['ratio']:.3f} |"
+            )
+        lines.append("")
+    if "rss" in results:
+        lines += [
+            "### Peak RSS of training steps (one process per variant, 3.0-bit allocation)",
+            "",
+            "| variant | RSS after setup | peak during steps (VmHWM) | process peak (ru_maxrss) "
+            "| weight bytes held |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["rss"]:
+            w = r["weight_bytes"]
+            held = (w["quantized"] + w["original"] + w["other"]) / 2**20
+            steps_peak = r["peak_steps_kb"]
+            lines.append(
+                f"| {r['variant']} | {r['rss_after_setup_kb'] / 1024:.0f} MiB | "
+                f"{'n/a' if steps_peak is None else f'{steps_peak / 1024:.0f} MiB'} | "
+                f"{r['peak_process_kb'] / 1024:.0f} MiB | {held:.1f} MiB |"
+            )
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--seqs", default="64,24", help="sequence lengths for the step time")
+    ap.add_argument("--steps", type=int, default=6, help="training steps per RSS process")
+    ap.add_argument("--rss-seq", type=int, default=64)
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("COALORA_CACHE_DIR", ROOT / ".cache" / "coalora")),
+    )
+    ap.add_argument("--rss-child", choices=RSS_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=OUT / "packed_minilm")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.rss_child:
+        rss_child(args.rss_child, args.steps, args.rss_seq, args.cache_dir)
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise SystemExit(f"--parts {bad} not allowed; allowed: {list(PARTS)}")
+    configs = allocations(args.cache_dir)
+    results: dict = {}
+    json_path = args.out.with_suffix(".json")
+    if json_path.exists():  # parts not re-run keep their committed numbers
+        results = json.loads(json_path.read_text()).get("results", {})
+    seqs = [int(s) for s in args.seqs.split(",")]
+    if "bytes" in parts:
+        results["bytes"] = part_bytes(configs)
+    if "switch" in parts:
+        results["switch"] = part_switch(configs, args.reps)
+    if "layers" in parts:
+        results["layers"] = part_layers(args.reps)
+    if "speed" in parts:
+        results["speed"] = part_speed(configs, args.reps, seqs)
+    if "rss" in parts:
+        results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
+    command = "OMP_NUM_THREADS=1 python " + " ".join(
+        [
+            str(
+                Path(sys.argv[0]).relative_to(ROOT)
+                if sys.argv[0].startswith(str(ROOT))
+                else sys.argv[0]
+            ),
+            *sys.argv[1:],
+        ]
+    )
+    lines = markdown(results, command)
+    atomic_write_json(json_path, {"header": lines[:5], "results": results})
+    emit_markdown(lines, args.out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
