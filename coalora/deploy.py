@@ -51,7 +51,7 @@ _FIELDS = ("codes", "q1", "s2", "offset")
 class PackedLoRALinear(nn.Module):
     """Inference LoRA on a packed base: ``base(x) + s * (x Aᵀ) Bᵀ`` (B already folded)."""
 
-    def __init__(self, base_layer: QuantLinear, lora_A: Tensor, lora_B: Tensor, scaling: float):
+    def __init__(self, base_layer: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -413,12 +413,68 @@ def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Mo
     return base_model
 
 
+BACKENDS = ("packed", "bnb")
+
+
+def bnb_linear4bit(p: PackedTensor, bias: Tensor | None, compute_dtype=torch.float32) -> nn.Module:
+    """A bitsandbytes ``Linear4bit`` (nf4, no nested statistics) holding exactly ``p``'s values.
+
+    Needs bits=4 and block0=64: the NF4 codebook and the high-nibble-first byte layout are
+    bitsandbytes', and its fp32 absmax per 64 weights is our dequantized first-level scale
+    ``o + q1*s2/M0``, so ``dequantize_4bit`` gives ``dequantize_packed(p)`` bit for bit. The
+    absmax costs 0.5 bit/weight instead of the double-quantized scales' ``bits0/64 + ...``.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    from coalora.quant.nf import _dequant_scales, nf_codebook
+    from coalora.quant.packing import unpack_bits
+
+    qc, n = p.qc, p.numel
+    if qc.bits != 4 or qc.block0 != 64 or n % 64 or len(p.shape) != 2:
+        raise CoaloraError(
+            f"backend='bnb' needs bits=4, block0=64 and a 2-D weight with numel % 64 == 0; "
+            f"got {qc.key} for shape {tuple(p.shape)}"
+        )
+    G = p.s2.numel()
+    q1 = unpack_bits(p.q1, qc.bits0, G * qc.block1).view(G, qc.block1)
+    absmax = _dequant_scales(q1, p.s2, p.offset, qc.bits0).reshape(-1)[: n // 64].contiguous()
+    state = QuantState(
+        absmax=absmax,
+        shape=torch.Size(p.shape),
+        code=nf_codebook(4),
+        blocksize=64,
+        quant_type="nf4",
+        dtype=compute_dtype,
+    )
+    d_out, d_in = p.shape
+    layer = bnb.nn.Linear4bit(
+        d_in,
+        d_out,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=False,
+        quant_type="nf4",
+        device="meta",
+    )
+    data = p.codes[: n // 2].reshape(-1, 1).contiguous()  # (n/2, 1) uint8, bitsandbytes' shape
+    weight = bnb.nn.Params4bit.from_prequantized(
+        data, state.as_dict(packed=True), device=data.device, module=layer
+    )
+    layer.weight = weight
+    layer.quant_state = weight.quant_state
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
+
+
 def load(
     path: str | Path,
     budget: Any = None,
     merge: bool = False,
     base_model: nn.Module | None = None,
     verify: bool = True,
+    backend: str = "packed",
 ) -> nn.Module:
     """A ready ``transformers`` model serving configuration ``budget`` of the export at ``path``.
 
@@ -427,7 +483,11 @@ def load(
     ``deq(Q) + s·BA`` with the same option; the relative error that adds is in
     ``model.coalora_export["merge_error"]``. ``base_model`` (optional) is an instance to fill
     instead of building one from ``config.json``; it must be the exported architecture.
+    ``backend="bnb"`` builds bitsandbytes ``Linear4bit`` layers instead (every option of the
+    configuration must be bits=4, block0=64; same values, see ``bnb_linear4bit``).
     """
+    if backend not in BACKENDS:
+        raise CoaloraError(f"backend={backend!r} is not allowed; allowed: {list(BACKENDS)}")
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -485,7 +545,10 @@ def load(
                     err = dequantize_packed(p) - target
                     merge_error[name] = float(err.norm() / target.norm().clamp_min(1e-30))
                 A = B = None
-            layer = QuantLinear.from_packed(name, {qc: p}, linear.bias, cache)
+            if backend == "bnb":
+                layer = bnb_linear4bit(p, linear.bias, linear.weight.dtype)
+            else:
+                layer = QuantLinear.from_packed(name, {qc: p}, linear.bias, cache)
             new = layer if A is None else PackedLoRALinear(layer, A, B, s)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -496,14 +559,17 @@ def load(
         "average_bits": config.average_bits(),
         "merged": bool(merge),
         "merge_error": merge_error,
+        "backend": backend,
     }
     return model.eval()
 
 
 __all__ = [
+    "BACKENDS",
     "FORMAT",
     "VERSION",
     "PackedLoRALinear",
+    "bnb_linear4bit",
     "clean_state_dict",
     "labels",
     "load",

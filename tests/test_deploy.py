@@ -231,3 +231,33 @@ def test_load_in_a_process_without_lightning_hydra_botorch(trained):
     assert out.returncode == 0, out.stderr[-2000:]
     logits = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(logits, trained["logits"]["3.0"], rtol=0, atol=1e-6)
+
+
+def test_bnb_backend_serves_the_same_values_for_4bit_block64(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = tiny_bert()
+    names = target_linear_names(model, TARGETS)
+    numels = {n: model.get_submodule(n).weight.numel() for n in names}
+    nf4_mixed = QuantConfig(4, 4, "bf16", 64, 16)
+    config = ModelQuantConfig(
+        {n: (NF4 if i % 2 else nf4_mixed) for i, n in enumerate(names)}, numels
+    )
+    out = deploy.save_packed(model, names, {"4.1": config}, None, tmp_path / "nf4")
+    packed = deploy.load(out)
+    served = deploy.load(out, backend="bnb")
+    assert isinstance(served.get_submodule(names[0]), bnb.nn.Linear4bit)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, packed(ids).logits, rtol=0, atol=1e-4)
+    for n in names:
+        w = served.get_submodule(n).weight
+        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        assert torch.equal(deq, packed.get_submodule(n).weight)
+    q2 = ModelQuantConfig.uniform(numels, Q2)
+    out2 = deploy.save_packed(model, names, {"2.3": q2}, None, tmp_path / "q2")
+    with pytest.raises(CoaloraError, match="backend='bnb' needs bits=4, block0=64"):
+        deploy.load(out2, backend="bnb")
+    with pytest.raises(CoaloraError, match=r"backend='gguf' is not allowed"):
+        deploy.load(out2, backend="gguf")
