@@ -218,7 +218,8 @@ def save_packed(
         adapter_files[label] = checked
 
     hf_config = model.config.to_dict() if hasattr(model, "config") else {}
-    arch = (hf_config.get("architectures") or [type(model).__name__])[0]
+    arch = type(model).__name__  # the class serving the export (config.architectures may
+    # name another head, e.g. BertModel for a sentence-transformers checkpoint)
     model_type = hf_config.get("model_type", "")
     scalings = {
         label: float(scaling[label] if isinstance(scaling, Mapping) else scaling)
@@ -393,7 +394,7 @@ def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Mo
         with torch.no_grad():
             base_model = cls(config)
     hf = getattr(base_model, "config", None)
-    arch = (getattr(hf, "architectures", None) or [type(base_model).__name__])[0]
+    arch = type(base_model).__name__
     if arch != manifest["architecture"] or getattr(hf, "model_type", "") != manifest["model_type"]:
         raise CoaloraError(
             f"{path}: export is for {manifest['architecture']} ({manifest['model_type']}), "

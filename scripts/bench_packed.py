@@ -58,7 +58,7 @@ from coalora.quant import (  # noqa: E402
 from coalora.report.bench import emit_markdown, header_lines  # noqa: E402
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
-PARTS = ("bytes", "speed", "switch", "layers", "rss")
+PARTS = ("bytes", "speed", "switch", "layers", "rss", "deploy")
 RSS_VARIANTS = ("fp", "dequantized", "packed", "dequantized_multi", "packed_multi")
 OUT = ROOT / "docs" / "results"
 
@@ -127,6 +127,13 @@ def train_step(model, opt, b) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
 def median_ms(xs: list[float]) -> float:
     return round(statistics.median(xs) * 1e3, 2)
 
@@ -161,7 +168,7 @@ def part_bytes(configs) -> list[dict]:
     return rows
 
 
-def part_speed(configs, reps: int, seqs: list[int]) -> list[dict]:
+def part_speed(configs, reps: int, seqs: list[int], budgets: list[float]) -> list[dict]:
     variants = {
         "packed": lora_model("packed", configs[BUDGETS[0]]),
         "dequantized": lora_model("dequantized", configs[BUDGETS[0]]),
@@ -170,7 +177,8 @@ def part_speed(configs, reps: int, seqs: list[int]) -> list[dict]:
     rows = []
     for seq in seqs:
         b = batch(seq)
-        for budget, config in configs.items():
+        for budget in budgets:
+            config = configs[budget]
             for name in ("packed", "dequantized"):
                 set_model_config(variants[name][0], config)
             times: dict[str, list[float]] = {k: [] for k in variants}
@@ -186,6 +194,9 @@ def part_speed(configs, reps: int, seqs: list[int]) -> list[dict]:
             row = {"seq": seq, "batch": 32, "budget": budget, "reps": reps}
             row.update({f"{v}_ms": median_ms(t) for v, t in times.items()})
             row["packed_over_dequantized"] = round(row["packed_ms"] / row["dequantized_ms"], 4)
+            paired = sorted(p / d for p, d in zip(times["packed"], times["dequantized"]))
+            row["paired_ratio_median"] = round(statistics.median(paired), 4)  # same round
+            row["paired_ratio_q25_q75"] = [round(q, 4) for q in _quartiles(paired)]
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -252,6 +263,104 @@ def part_layers(reps: int, tokens: int = 2048) -> list[dict]:
             rows.append(row)
             print(row, flush=True)
     return rows
+
+
+def _safetensors_data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")  # u64 header length, then the JSON header
+    return path.stat().st_size - 8 - header
+
+
+def part_deploy(configs, reps: int, seq: int = 64) -> dict:
+    """Exports on disk vs the formula, one shared multi-configuration export, and inference
+    latency of ``deploy.load`` vs the training-time model vs bitsandbytes NF4, interleaved."""
+    import tempfile
+
+    from coalora import deploy
+
+    model, names = load_minilm()
+    model.eval()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-packed-"))
+    sizes = []
+    for b, config in configs.items():
+        out = deploy.save_packed(model, names, {str(b): config}, None, tmp / f"b{b}")
+        packed = _safetensors_data_bytes(out / "packed.safetensors")
+        base = _safetensors_data_bytes(out / "base.safetensors")
+        disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        formula = config.total_bits() / 8 + base
+        loaded = deploy.load(out)
+        resident = resident_weight_bytes(loaded)["total"]
+        sizes.append(
+            {
+                "budget": b,
+                "packed_data_bytes": packed,
+                "target_formula_bytes": round(config.total_bits() / 8),
+                "non_target_bytes": base,
+                "export_dir_bytes": disk,
+                "formula_bytes": round(formula),
+                "disk_rel_diff": round((packed + base) / formula - 1, 6),
+                "loaded_resident_bytes": resident,
+                "resident_rel_diff": round(resident / formula - 1, 6),
+            }
+        )
+        print(sizes[-1], flush=True)
+        del loaded
+    multi = deploy.save_packed(
+        model, names, {str(b): c for b, c in configs.items()}, None, tmp / "multi"
+    )
+    manifest = deploy.read_manifest(multi)
+    multi_row = {
+        "configurations": len(configs),
+        "entries": len(manifest["entries"]),
+        "layer_option_pairs": len(configs) * len(names),
+        "packed_data_bytes": _safetensors_data_bytes(multi / "packed.safetensors"),
+        "sum_of_single_exports_bytes": sum(r["packed_data_bytes"] for r in sizes),
+    }
+    print(multi_row, flush=True)
+
+    # inference latency, no grad, batch 32 x seq: served (packed) vs the training-time model
+    # (dequantized storage) at 3.0 bits; bitsandbytes vs packed at uniform NF4 (4-bit, block 64)
+    nf4 = ModelQuantConfig.uniform(configs[3.0].numels, NF4)
+    deploy.save_packed(model, names, {"nf4": nf4}, None, tmp / "nf4")
+    served = deploy.load(multi, budget=3.0)
+    train_time, _ = load_minilm()
+    quantize_model(train_time, names, configs[3.0], DequantCache(storage="dequantized"))
+    train_time.eval()
+    variants = {
+        "deploy_packed_3.0": served,
+        "training_dequantized_3.0": train_time,
+        "deploy_packed_nf4": deploy.load(tmp / "nf4"),
+    }
+    try:
+        variants["bnb_nf4"] = deploy.load(tmp / "nf4", backend="bnb")
+    except ImportError:
+        pass
+    b = batch(seq)
+    b.pop("labels")
+    with torch.no_grad():
+        diff = (served(**b).logits - train_time(**b).logits).abs().max().item()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for m in variants.values():
+            m(**b)
+        for r in range(reps):
+            order = list(variants)
+            for v in order[r % len(order) :] + order[: r % len(order)]:
+                t = time.perf_counter()
+                variants[v](**b)
+                times[v].append(time.perf_counter() - t)
+    latency = {k: median_ms(v) for k, v in times.items()}
+    print(latency, flush=True)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "sizes": sizes,
+        "multi": multi_row,
+        "latency_ms": latency,
+        "latency_batch": [32, seq],
+        "latency_reps": reps,
+        "max_abs_logit_diff_deploy_vs_training": diff,
+    }
 
 
 def _status_kb(field: str) -> int:
@@ -341,13 +450,16 @@ def markdown(results: dict, command: str) -> list[str]:
         lines += [
             "### Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
             "",
-            "| seq | budget | packed ms | dequantized ms | fp ms | packed / dequantized |",
-            "|---|---|---|---|---|---|",
+            "| seq | budget | reps | packed ms | dequantized ms | fp ms | ratio of medians "
+            "| paired ratio median [q25, q75] |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in results["speed"]:
+            q = r.get("paired_ratio_q25_q75", [float("nan")] * 2)
             lines.append(
-                f"| {r['seq']} | {r['budget']} | {r['packed_ms']} | {r['dequantized_ms']} | "
-                f"{r['fp_ms']} | {r['packed_over_dequantized']:.3f} |"
+                f"| {r['seq']} | {r['budget']} | {r['reps']} | {r['packed_ms']} | "
+                f"{r['dequantized_ms']} | {r['fp_ms']} | {r['packed_over_dequantized']:.3f} | "
+                f"{r.get('paired_ratio_median', float('nan')):.3f} [{q[0]:.3f}, {q[1]:.3f}] |"
             )
         lines.append("")
     if "switch" in results:
@@ -377,6 +489,38 @@ def markdown(results: dict, command: str) -> list[str]:
                 f"{r['ratio']:.3f} |"
             )
         lines.append("")
+    if "deploy" in results:
+        d = results["deploy"]
+        mb = lambda v: f"{v / 2**20:.3f} MiB"  # noqa: E731
+        lines += [
+            "### Packed export (`coalora.deploy`): on disk and loaded, vs the storage formula",
+            "",
+            "| budget | packed base (data) | formula targets | non-target | export dir "
+            "| disk vs formula | loaded resident | resident vs formula |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d["sizes"]:
+            lines.append(
+                f"| {r['budget']} | {mb(r['packed_data_bytes'])} | "
+                f"{mb(r['target_formula_bytes'])} | {mb(r['non_target_bytes'])} | "
+                f"{mb(r['export_dir_bytes'])} | {100 * r['disk_rel_diff']:+.3f}% | "
+                f"{mb(r['loaded_resident_bytes'])} | {100 * r['resident_rel_diff']:+.3f}% |"
+            )
+        m = d["multi"]
+        lines += [
+            "",
+            f"One export of all {m['configurations']} configurations: {m['entries']} packed "
+            f"entries for {m['layer_option_pairs']} (layer, configuration) pairs, "
+            f"{mb(m['packed_data_bytes'])} vs {mb(m['sum_of_single_exports_bytes'])} for four "
+            "single exports.",
+            "",
+            f"Inference latency, batch {d['latency_batch'][0]} × {d['latency_batch'][1]}, no "
+            f"grad, medians of {d['latency_reps']} interleaved: "
+            + ", ".join(f"{k} {v} ms" for k, v in d["latency_ms"].items())
+            + f". Max |logit difference| deploy vs training-time model (3.0 bits): "
+            f"{d['max_abs_logit_diff_deploy_vs_training']:.2e}.",
+            "",
+        ]
     if "rss" in results:
         lines += [
             "### Peak RSS of training steps (one process per variant, 3.0-bit allocation)",
@@ -403,6 +547,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--seqs", default="64,24", help="sequence lengths for the step time")
+    ap.add_argument("--speed-budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--steps", type=int, default=6, help="training steps per RSS process")
     ap.add_argument("--rss-seq", type=int, default=64)
     ap.add_argument(
@@ -434,7 +579,10 @@ def main() -> None:
     if "layers" in parts:
         results["layers"] = part_layers(args.reps)
     if "speed" in parts:
-        results["speed"] = part_speed(configs, args.reps, seqs)
+        budgets = [float(b) for b in args.speed_budgets.split(",")]
+        results["speed"] = part_speed(configs, args.reps, seqs, budgets)
+    if "deploy" in parts:
+        results["deploy"] = part_deploy(configs, args.reps)
     if "rss" in parts:
         results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
     command = "OMP_NUM_THREADS=1 python " + " ".join(
