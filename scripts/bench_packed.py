@@ -182,21 +182,25 @@ def part_speed(configs, reps: int, seqs: list[int], budgets: list[float]) -> lis
             for name in ("packed", "dequantized"):
                 set_model_config(variants[name][0], config)
             times: dict[str, list[float]] = {k: [] for k in variants}
+            cpu: dict[str, list[float]] = {k: [] for k in variants}  # process CPU time
             order = list(variants)
             for v in order:  # warm-up
                 train_step(variants[v][0], variants[v][2], b)
             for r in range(reps):
                 for v in order[r % 3 :] + order[: r % 3]:  # rotate: no variant always first
                     model, _, opt = variants[v]
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     train_step(model, opt, b)
                     times[v].append(time.perf_counter() - t)
+                    cpu[v].append(time.process_time() - c)
             row = {"seq": seq, "batch": 32, "budget": budget, "reps": reps}
             row.update({f"{v}_ms": median_ms(t) for v, t in times.items()})
             row["packed_over_dequantized"] = round(row["packed_ms"] / row["dequantized_ms"], 4)
             paired = sorted(p / d for p, d in zip(times["packed"], times["dequantized"]))
             row["paired_ratio_median"] = round(statistics.median(paired), 4)  # same round
             row["paired_ratio_q25_q75"] = [round(q, 4) for q in _quartiles(paired)]
+            row.update({f"{v}_cpu_ms": median_ms(t) for v, t in cpu.items()})
+            row["cpu_ratio"] = round(row["packed_cpu_ms"] / row["dequantized_cpu_ms"], 4)
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -451,15 +455,18 @@ def markdown(results: dict, command: str) -> list[str]:
             "### Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
             "",
             "| seq | budget | reps | packed ms | dequantized ms | fp ms | ratio of medians "
-            "| paired ratio median [q25, q75] |",
-            "|---|---|---|---|---|---|---|---|",
+            "| paired ratio median [q25, q75] | CPU-time ms packed / dequantized / fp "
+            "| CPU-time ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["speed"]:
             q = r.get("paired_ratio_q25_q75", [float("nan")] * 2)
             lines.append(
                 f"| {r['seq']} | {r['budget']} | {r['reps']} | {r['packed_ms']} | "
                 f"{r['dequantized_ms']} | {r['fp_ms']} | {r['packed_over_dequantized']:.3f} | "
-                f"{r.get('paired_ratio_median', float('nan')):.3f} [{q[0]:.3f}, {q[1]:.3f}] |"
+                f"{r.get('paired_ratio_median', float('nan')):.3f} [{q[0]:.3f}, {q[1]:.3f}] | "
+                f"{r.get('packed_cpu_ms')} / {r.get('dequantized_cpu_ms')} / {r.get('fp_cpu_ms')} "
+                f"| {r.get('cpu_ratio', float('nan')):.3f} |"
             )
         lines.append("")
     if "switch" in results:
