@@ -10,7 +10,8 @@ grid, error table cached under --cache-dir):
 * switch: the time to switch all 36 layers between cached configurations (and first use);
 * layers: one linear's forward+backward at several shapes (per model size);
 * rss: peak RSS of a fixed number of training steps, each variant in its own process
-  (``ru_maxrss`` for the whole process, ``VmHWM`` reset after setup for the steps alone).
+  (``VmHWM`` through setup, then reset through ``/proc/self/clear_refs`` for the steps alone;
+  ``ru_maxrss`` is not used: Linux carries the parent's peak over ``fork`` + ``exec``).
 
 Writes docs/results/packed_minilm.{json,md}.
 
@@ -20,10 +21,10 @@ Writes docs/results/packed_minilm.{json,md}.
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -390,6 +391,7 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
         for config in cycle:
             set_model_config(model, config)
     rss_setup = _status_kb("VmRSS")
+    peak_setup = _status_kb("VmHWM")  # per address space: not inherited from the parent
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the steps' own peak
         reset = True
@@ -408,8 +410,9 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
                 "seq": seq,
                 "rss_start_kb": rss_start,
                 "rss_after_setup_kb": rss_setup,
+                "peak_setup_kb": peak_setup,
                 "peak_steps_kb": _status_kb("VmHWM") if reset else None,
-                "peak_process_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "peak_process_kb": max(peak_setup, _status_kb("VmHWM")),
                 "weight_bytes": weights,
             }
         ),
@@ -430,13 +433,20 @@ def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
     return rows
 
 
+def _provenance(results: dict, part: str) -> list[str]:
+    m = results.get("meta", {}).get(part)
+    return [f"Run {m['date']}: `{m['command']}`", ""] if m else []
+
+
 def markdown(results: dict, command: str) -> list[str]:
     lines = header_lines("Packed vs dequantized storage (MiniLM-L6)", command)
     lines[0] = "# " + lines[0][3:]
+    lines += ["Each section names the run that produced it (parts can be re-run alone).", ""]
     if "bytes" in results:
         lines += [
             "### Resident weight bytes vs the storage formula (original dropped)",
             "",
+            *_provenance(results, "bytes"),
             "| budget | avg bits | packed targets | non-target | resident | formula | diff "
             "| dequantized (orig + copy) | fp |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -454,6 +464,7 @@ def markdown(results: dict, command: str) -> list[str]:
         lines += [
             "### Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
             "",
+            *_provenance(results, "speed"),
             "| seq | budget | reps | packed ms | dequantized ms | fp ms | ratio of medians "
             "| paired ratio median [q25, q75] | CPU-time ms packed / dequantized / fp "
             "| CPU-time ratio |",
@@ -473,6 +484,7 @@ def markdown(results: dict, command: str) -> list[str]:
         lines += [
             "### Configuration switch (36 layers, all four configurations cached)",
             "",
+            *_provenance(results, "switch"),
             "| storage | switch ms (median) | first use ms per budget | cache MiB | entries |",
             "|---|---|---|---|---|",
         ]
@@ -487,6 +499,7 @@ def markdown(results: dict, command: str) -> list[str]:
         lines += [
             "### One linear, fwd + bwd wrt input, 2048 tokens (dense weight vs packed)",
             "",
+            *_provenance(results, "layers"),
             "| shape (out, in) | config | dense ms | packed ms | ratio |",
             "|---|---|---|---|---|",
         ]
@@ -502,6 +515,7 @@ def markdown(results: dict, command: str) -> list[str]:
         lines += [
             "### Packed export (`coalora.deploy`): on disk and loaded, vs the storage formula",
             "",
+            *_provenance(results, "deploy"),
             "| budget | packed base (data) | formula targets | non-target | export dir "
             "| disk vs formula | loaded resident | resident vs formula |",
             "|---|---|---|---|---|---|---|---|",
@@ -532,7 +546,8 @@ def markdown(results: dict, command: str) -> list[str]:
         lines += [
             "### Peak RSS of training steps (one process per variant, 3.0-bit allocation)",
             "",
-            "| variant | RSS after setup | peak during steps (VmHWM) | process peak (ru_maxrss) "
+            *_provenance(results, "rss"),
+            "| variant | RSS after setup | peak during steps (VmHWM) | process peak (VmHWM) "
             "| weight bytes held |",
             "|---|---|---|---|---|",
         ]
@@ -592,6 +607,11 @@ def main() -> None:
         results["deploy"] = part_deploy(configs, args.reps)
     if "rss" in parts:
         results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmdline = "OMP_NUM_THREADS=1 python scripts/bench_packed.py " + " ".join(sys.argv[1:])
+    meta = results.setdefault("meta", {})
+    for part in parts:
+        meta[part] = {"date": stamp, "command": cmdline}
     command = "OMP_NUM_THREADS=1 python " + " ".join(
         [
             str(
