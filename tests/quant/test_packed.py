@@ -179,3 +179,23 @@ def test_subclass_serving_dense_weights_stays_dequantized():
     layer = Dense(nn.Linear(8, 4), "l", DequantCache(storage="packed"))
     layer.set_config(NF4)
     assert layer.storage == "dequantized" and torch.equal(layer.weight, torch.zeros(4, 8))
+
+
+def test_compute_dtype_follows_the_input_under_autocast_and_bf16():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    dense = QuantLinear(lin, "l", DequantCache(storage="dequantized"))
+    packed = QuantLinear(lin, "l", DequantCache(storage="packed"))
+    dense.set_config(NF4)
+    packed.set_config(NF4)
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_dense, y_packed = dense(x), packed(x)
+    assert y_packed.dtype == torch.bfloat16 and torch.equal(y_dense, y_packed)
+    (g_dense,) = torch.autograd.grad(y_dense.float().sum(), x)
+    (g_packed,) = torch.autograd.grad(y_packed.float().sum(), x)
+    assert g_packed.dtype == torch.float32 and torch.equal(g_dense, g_packed)
+    dense16, packed16 = dense.to(torch.bfloat16), packed.to(torch.bfloat16)
+    dense16.set_config(NF4)
+    xb = torch.randn(8, 64, dtype=torch.bfloat16)
+    assert torch.equal(dense16(xb), packed16(xb))
