@@ -195,7 +195,10 @@ def test_compute_dtype_follows_the_input_under_autocast_and_bf16():
     (g_dense,) = torch.autograd.grad(y_dense.float().sum(), x)
     (g_packed,) = torch.autograd.grad(y_packed.float().sum(), x)
     assert g_packed.dtype == torch.float32 and torch.equal(g_dense, g_packed)
-    dense16, packed16 = dense.to(torch.bfloat16), packed.to(torch.bfloat16)
+    lin16 = nn.Linear(64, 32).to(torch.bfloat16)  # a bf16 model: its bf16 weight is quantized
+    dense16 = QuantLinear(lin16, "l", DequantCache(storage="dequantized"))
+    packed16 = QuantLinear(lin16, "l", DequantCache(storage="packed"))
     dense16.set_config(NF4)
+    packed16.set_config(NF4)
     xb = torch.randn(8, 64, dtype=torch.bfloat16)
     assert torch.equal(dense16(xb), packed16(xb))
