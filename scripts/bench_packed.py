@@ -402,6 +402,8 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
             set_model_config(model, cycle[i % len(cycle)])
         train_step(model, opt, b)
     weights = resident_weight_bytes(model)
+    caches = {id(m.cache): m.cache for m in model.modules() if hasattr(m, "cache")}
+    weights["cache"] = sum(c.nbytes for c in caches.values())  # every cached option
     print(
         json.dumps(
             {
@@ -548,8 +550,8 @@ def markdown(results: dict, command: str) -> list[str]:
             "",
             *_provenance(results, "rss"),
             "| variant | RSS after setup | peak during steps (VmHWM) | process peak (VmHWM) "
-            "| weight bytes held |",
-            "|---|---|---|---|---|",
+            "| weights: current + originals + other | + cached options |",
+            "|---|---|---|---|---|---|",
         ]
         for r in results["rss"]:
             w = r["weight_bytes"]
@@ -558,7 +560,8 @@ def markdown(results: dict, command: str) -> list[str]:
             lines.append(
                 f"| {r['variant']} | {r['rss_after_setup_kb'] / 1024:.0f} MiB | "
                 f"{'n/a' if steps_peak is None else f'{steps_peak / 1024:.0f} MiB'} | "
-                f"{r['peak_process_kb'] / 1024:.0f} MiB | {held:.1f} MiB |"
+                f"{r['peak_process_kb'] / 1024:.0f} MiB | {held:.1f} MiB | "
+                f"{w.get('cache', 0) / 2**20:.1f} MiB |"
             )
         lines.append("")
     return lines
