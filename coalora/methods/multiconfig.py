@@ -97,6 +97,17 @@ class MultiConfigMethod(Method):
             from coalora.search.configset import ConfigSet
 
             cs = ConfigSet.load(self.cfg.configset, expected_names=self.names, space=self.space)
+            wrong = {
+                n: (cs.numels[n], self.numels[n])
+                for n in self.names
+                if cs.numels.get(n) != self.numels[n]
+            }
+            if wrong:
+                first = dict(list(wrong.items())[:3])
+                raise ConfigError(
+                    f"method.configset={self.cfg.configset}: layer sizes differ from this model's "
+                    f"(file, model), e.g. {first}: it was written for another model"
+                )
             entries = [e for e in cs.entries if e.pareto] if self.cfg.get("pareto_only") else []
             entries = entries or cs.entries
             if not entries:

@@ -1,7 +1,8 @@
-"""Quantization engine: NF-b block-wise quantization with double quantization, bit packing,
-configurations and storage accounting, a dequantized-weight cache for cheap switching, and budget
-allocation. Pure tensors and data classes; docs/quantization.md describes the algorithms and
-docs/architecture.md the contract.
+"""Quantization engine: NF-b block-wise quantization with double quantization (QLoRA, arXiv
+2305.14314 §3), LQ-LoRA's configuration space and budget allocation (arXiv 2311.12023 §3.2), bit
+packing, configurations and storage accounting, and a cache of quantized weights (dequantized or
+packed, docs/packed.md) for cheap switching. Pure tensors and data classes;
+docs/quantization.md describes the algorithms and docs/architecture.md the contract.
 """
 
 from coalora.quant.allocation import (
@@ -22,7 +23,7 @@ from coalora.quant.build import (
 )
 from coalora.quant.config import NF3, NF4, ModelQuantConfig, QuantConfig, QuantSpace
 from coalora.quant.fisher import fisher_diagonal
-from coalora.quant.linear import DequantCache, QuantLinear
+from coalora.quant.linear import DequantCache, QuantLinear, entry_nbytes
 from coalora.quant.model import (
     model_weights,
     quant_layers,
@@ -39,6 +40,15 @@ from coalora.quant.nf import (
     quantization_errors,
     quantize_nf,
     quantize_nf_blockwise,
+)
+from coalora.quant.packed import (
+    STORAGES,
+    check_storage,
+    dequantize_packed,
+    formula_weight_bytes,
+    freeze_model,
+    packed_linear,
+    resident_weight_bytes,
 )
 from coalora.quant.packing import (
     PackedTensor,
@@ -59,6 +69,7 @@ __all__ = [
     "QuantLinear",
     "QuantSpace",
     "QuantizedTensor",
+    "STORAGES",
     "allocate",
     "QuantSettings",
     "allocations",
@@ -66,14 +77,20 @@ __all__ = [
     "build_error_table",
     "build_model_config",
     "cached_error_table",
+    "check_storage",
     "dequantize_nf",
     "dequantize_nf_blockwise",
+    "dequantize_packed",
+    "entry_nbytes",
     "fake_quantize",
     "fisher_diagonal",
+    "formula_weight_bytes",
+    "freeze_model",
     "model_weights",
     "nf_codebook",
     "pack_bits",
     "pack_quantized",
+    "packed_linear",
     "prune_dominated",
     "quant_layers",
     "quant_space",
@@ -81,6 +98,7 @@ __all__ = [
     "quantize_model",
     "quantize_nf",
     "quantize_nf_blockwise",
+    "resident_weight_bytes",
     "set_model_config",
     "solve_mckp_lagrangian",
     "solve_mckp_milp",

@@ -1,4 +1,4 @@
-"""Bit packing of quantized weights, so stored size equals the storage formula (algorithms.md §1.4).
+"""Bit packing of quantized weights, so stored size equals the storage formula (docs/packed.md).
 
 Layout: a big-endian bit stream. Every group of 8 b-bit values becomes b bytes, most significant
 bit first, so for b = 4 the first value of a pair is the high nibble (bitsandbytes' layout) and for
@@ -96,11 +96,23 @@ class PackedTensor:
         return self.s2.numel() * self.qc.block0 * self.qc.block1
 
     def payload_nbytes(self) -> int:
-        """Bytes of codes + q1 + s2 (what §1.4's formula counts; excludes offset and shape)."""
+        """Bytes of codes + q1 + s2 (what the storage formula counts; excludes offset and shape)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.q1, self.s2))
 
     def nbytes(self) -> int:
         return self.payload_nbytes() + 4  # + the fp32 offset
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> PackedTensor:
+        """The same entry on ``device`` (self when already there)."""
+        device = torch.device(device)
+        if self.codes.device == device:
+            return self
+        moved = {k: getattr(self, k).to(device) for k in ("codes", "q1", "s2", "offset")}
+        return PackedTensor(**moved, shape=self.shape, qc=self.qc)
 
     def state_dict(self, prefix: str = "") -> dict[str, Tensor]:
         """Tensors for safetensors; ``shape`` and ``qc.key`` go into the file's metadata."""

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json, atomic_write_text
 
 PACKAGES = (
@@ -102,7 +103,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as e:  # truncated, random or hostile: one line, never "load unsafely"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if "weights_only" in first or "Unsupported global" in first:
+                first = "it holds objects other than tensors and plain values; refused"
+            raise ConfigError(
+                f"ckpt_path={path}: not a readable coalora checkpoint ({first})"
+            ) from None
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

@@ -1,0 +1,634 @@
+"""Benchmark packed vs dequantized quantized storage on the embedded MiniLM-L6 (docs/packed.md).
+
+One run measures, on the allocations at 2.5/3.0/3.5/4.0 average bits (MILP over the 432-option
+grid, error table cached under --cache-dir):
+
+* bytes: the resident weight bytes of a model frozen on one configuration (original dropped) vs
+  the storage formula (average bits × target parameters / 8 + every non-target weight);
+* speed: forward+backward+AdamW step time of LoRA (r=8) on the packed, dequantized and
+  full-precision base, interleaved round-robin in one process (the machine is shared), medians;
+* switch: the time to switch all 36 layers between cached configurations (and first use);
+* layers: one linear's forward+backward at several shapes (per model size);
+* rss: peak RSS of a fixed number of training steps, each variant in its own process
+  (``VmHWM`` through setup, then reset through ``/proc/self/clear_refs`` for the steps alone;
+  ``ru_maxrss`` is not used: Linux carries the parent's peak over ``fork`` + ``exec``).
+
+Writes docs/results/packed_minilm.{json,md}.
+
+    OMP_NUM_THREADS=1 python scripts/bench_packed.py [--reps 7] [--parts bytes,speed,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coalora.io import atomic_write_json  # noqa: E402
+from coalora.quant import (  # noqa: E402
+    NF3,
+    NF4,
+    DequantCache,
+    ModelQuantConfig,
+    QuantSpace,
+    allocate,
+    cached_error_table,
+    formula_weight_bytes,
+    freeze_model,
+    model_weights,
+    pack_quantized,
+    packed_linear,
+    quantize_model,
+    quantize_nf,
+    resident_weight_bytes,
+    set_model_config,
+)
+from coalora.report.bench import emit_markdown, header_lines  # noqa: E402
+
+BUDGETS = (2.5, 3.0, 3.5, 4.0)
+PARTS = ("bytes", "speed", "switch", "layers", "rss", "deploy")
+RSS_VARIANTS = ("fp", "dequantized", "packed", "dequantized_multi", "packed_multi")
+OUT = ROOT / "docs" / "results"
+
+
+def load_minilm():
+    from omegaconf import OmegaConf
+
+    from coalora.models.loading import build_model, target_names
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / "minilm_l6.yaml")
+    model = build_model(cfg, num_labels=2, seed=0)
+    return model, target_names(model, list(cfg.target_modules))
+
+
+def allocations(cache_dir: Path) -> dict[float, ModelQuantConfig]:
+    """The four budgets' allocations, cached as JSON next to the error table."""
+    path = cache_dir / "packed-bench-allocations-minilm_l6.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        return {float(b): ModelQuantConfig.from_dict(d) for b, d in data.items()}
+    model, names = load_minilm()
+    weights = model_weights(model, names)
+    space = QuantSpace()
+    table = cached_error_table(weights, space, cache_dir, "minilm_l6")
+    out = {b: allocate(weights, b, space, table=table) for b in BUDGETS}
+    atomic_write_json(path, {str(b): c.to_dict() for b, c in out.items()})
+    return out
+
+
+def lora_model(storage: str | None, config: ModelQuantConfig | None, rank: int = 8):
+    """MiniLM with LoRA on every target; base quantized with ``storage`` (None = fp)."""
+    from coalora.adapters.inject import inject
+    from coalora.adapters.lora import LoRALinear
+
+    model, names = load_minilm()
+    if storage is not None:
+        quantize_model(model, names, config, DequantCache(storage=storage))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    inject(model, names, lambda n, m: LoRALinear(m, rank, 2 * rank))
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.01)  # nonzero B: the backward goes through every base
+    model.train()
+    return model, names, torch.optim.AdamW(params, lr=1e-4)
+
+
+def batch(seq: int, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1000, 29000, (size, seq), generator=g),
+        "attention_mask": torch.ones(size, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (size,), generator=g),
+    }
+
+
+def train_step(model, opt, b) -> None:
+    loss = model(**b).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
+def median_ms(xs: list[float]) -> float:
+    return round(statistics.median(xs) * 1e3, 2)
+
+
+def part_bytes(configs) -> list[dict]:
+    rows = []
+    for b, config in configs.items():
+        model, names = load_minilm()
+        quantize_model(model, names, config, DequantCache(storage="packed"))
+        freeze_model(model, [config], keep_original="drop")
+        got = resident_weight_bytes(model)
+        want = formula_weight_bytes(model, config)
+        targets = sum(config.numels.values())
+        rows.append(
+            {
+                "budget": b,
+                "average_bits": round(config.average_bits(), 4),
+                "target_params": targets,
+                "resident_bytes": got["total"],
+                "packed_target_bytes": got["quantized"],
+                "non_target_bytes": got["other"],
+                "formula_bytes": round(want),
+                "rel_diff": round(got["total"] / want - 1, 6),
+                "fp_bytes": got["other"] + 4 * targets,
+            }
+        )
+        dense, _ = load_minilm()
+        quantize_model(dense, names, config, DequantCache(storage="dequantized"))
+        rows[-1]["dequantized_resident_bytes"] = resident_weight_bytes(dense)["total"]
+        del model, dense
+        gc.collect()
+    return rows
+
+
+def part_speed(configs, reps: int, seqs: list[int], budgets: list[float]) -> list[dict]:
+    variants = {
+        "packed": lora_model("packed", configs[BUDGETS[0]]),
+        "dequantized": lora_model("dequantized", configs[BUDGETS[0]]),
+        "fp": lora_model(None, None),
+    }
+    rows = []
+    for seq in seqs:
+        b = batch(seq)
+        for budget in budgets:
+            config = configs[budget]
+            for name in ("packed", "dequantized"):
+                set_model_config(variants[name][0], config)
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            cpu: dict[str, list[float]] = {k: [] for k in variants}  # process CPU time
+            order = list(variants)
+            for v in order:  # warm-up
+                train_step(variants[v][0], variants[v][2], b)
+            for r in range(reps):
+                for v in order[r % 3 :] + order[: r % 3]:  # rotate: no variant always first
+                    model, _, opt = variants[v]
+                    t, c = time.perf_counter(), time.process_time()
+                    train_step(model, opt, b)
+                    times[v].append(time.perf_counter() - t)
+                    cpu[v].append(time.process_time() - c)
+            row = {"seq": seq, "batch": 32, "budget": budget, "reps": reps}
+            row.update({f"{v}_ms": median_ms(t) for v, t in times.items()})
+            row["packed_over_dequantized"] = round(row["packed_ms"] / row["dequantized_ms"], 4)
+            paired = sorted(p / d for p, d in zip(times["packed"], times["dequantized"]))
+            row["paired_ratio_median"] = round(statistics.median(paired), 4)  # same round
+            row["paired_ratio_q25_q75"] = [round(q, 4) for q in _quartiles(paired)]
+            row.update({f"{v}_cpu_ms": median_ms(t) for v, t in cpu.items()})
+            row["cpu_ratio"] = round(row["packed_cpu_ms"] / row["dequantized_cpu_ms"], 4)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def part_switch(configs, reps: int) -> list[dict]:
+    rows = []
+    for storage in ("packed", "dequantized"):
+        model, names = load_minilm()
+        cache = DequantCache(storage=storage)
+        layers = quantize_model(model, names, None, cache)
+        first = {}
+        for b, config in configs.items():
+            t = time.perf_counter()
+            set_model_config(model, config, layers)
+            first[b] = time.perf_counter() - t
+        times = []
+        for _ in range(reps):
+            for config in configs.values():
+                t = time.perf_counter()
+                set_model_config(model, config, layers)
+                times.append(time.perf_counter() - t)
+        rows.append(
+            {
+                "storage": storage,
+                "switch_ms": median_ms(times),
+                "first_use_ms": {str(b): round(s * 1e3, 1) for b, s in first.items()},
+                "cache_mb": round(cache.nbytes / 2**20, 2),
+                "entries": len(cache),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_layers(reps: int, tokens: int = 2048) -> list[dict]:
+    """One linear, forward + backward wrt the input: dense weight vs packed (dequantize twice)."""
+    rows = []
+    for d_out, d_in in [(384, 384), (1536, 384), (384, 1536), (2048, 2048)]:
+        torch.manual_seed(0)
+        W = torch.randn(d_out, d_in) * 0.02
+        x = torch.randn(tokens, d_in, requires_grad=True)
+        gy = torch.randn(tokens, d_out)
+        for qc in (NF4, NF3):
+            p = pack_quantized(quantize_nf(W, qc))
+            dense = W.clone()
+
+            def run_dense(x=x, w=dense, gy=gy):
+                torch.autograd.grad(F.linear(x, w), x, gy)
+
+            def run_packed(x=x, p=p, gy=gy):
+                torch.autograd.grad(packed_linear(x, p), x, gy)
+
+            times = {"dense": [], "packed": []}
+            run_dense(), run_packed()
+            for r in range(reps):
+                for name, fn in (("dense", run_dense), ("packed", run_packed))[:: 1 - 2 * (r % 2)]:
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
+            row = {"shape": [d_out, d_in], "tokens": tokens, "config": qc.key}
+            row.update({f"{k}_ms": median_ms(v) for k, v in times.items()})
+            row["ratio"] = round(row["packed_ms"] / row["dense_ms"], 4)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def _safetensors_data_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")  # u64 header length, then the JSON header
+    return path.stat().st_size - 8 - header
+
+
+def part_deploy(configs, reps: int, seq: int = 64) -> dict:
+    """Exports on disk vs the formula, one shared multi-configuration export, and inference
+    latency of ``deploy.load`` vs the training-time model vs bitsandbytes NF4, interleaved."""
+    import tempfile
+
+    from coalora import deploy
+
+    model, names = load_minilm()
+    model.eval()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-packed-"))
+    sizes = []
+    for b, config in configs.items():
+        out = deploy.save_packed(model, names, {str(b): config}, None, tmp / f"b{b}")
+        packed = _safetensors_data_bytes(out / "packed.safetensors")
+        base = _safetensors_data_bytes(out / "base.safetensors")
+        disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        formula = config.total_bits() / 8 + base
+        loaded = deploy.load(out)
+        resident = resident_weight_bytes(loaded)["total"]
+        sizes.append(
+            {
+                "budget": b,
+                "packed_data_bytes": packed,
+                "target_formula_bytes": round(config.total_bits() / 8),
+                "non_target_bytes": base,
+                "export_dir_bytes": disk,
+                "formula_bytes": round(formula),
+                "disk_rel_diff": round((packed + base) / formula - 1, 6),
+                "loaded_resident_bytes": resident,
+                "resident_rel_diff": round(resident / formula - 1, 6),
+            }
+        )
+        print(sizes[-1], flush=True)
+        del loaded
+    multi = deploy.save_packed(
+        model, names, {str(b): c for b, c in configs.items()}, None, tmp / "multi"
+    )
+    manifest = deploy.read_manifest(multi)
+    multi_row = {
+        "configurations": len(configs),
+        "entries": len(manifest["entries"]),
+        "layer_option_pairs": len(configs) * len(names),
+        "packed_data_bytes": _safetensors_data_bytes(multi / "packed.safetensors"),
+        "sum_of_single_exports_bytes": sum(r["packed_data_bytes"] for r in sizes),
+    }
+    print(multi_row, flush=True)
+
+    # inference latency, no grad, batch 32 x seq: served (packed) vs the training-time model
+    # (dequantized storage) at 3.0 bits; bitsandbytes vs packed at uniform NF4 (4-bit, block 64)
+    nf4 = ModelQuantConfig.uniform(configs[3.0].numels, NF4)
+    deploy.save_packed(model, names, {"nf4": nf4}, None, tmp / "nf4")
+    served = deploy.load(multi, budget=3.0)
+    train_time, _ = load_minilm()
+    quantize_model(train_time, names, configs[3.0], DequantCache(storage="dequantized"))
+    train_time.eval()
+    variants = {
+        "deploy_packed_3.0": served,
+        "training_dequantized_3.0": train_time,
+        "deploy_packed_nf4": deploy.load(tmp / "nf4"),
+    }
+    try:
+        variants["bnb_nf4"] = deploy.load(tmp / "nf4", backend="bnb")
+    except ImportError:
+        pass
+    b = batch(seq)
+    b.pop("labels")
+    with torch.no_grad():
+        diff = (served(**b).logits - train_time(**b).logits).abs().max().item()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for m in variants.values():
+            m(**b)
+        for r in range(reps):
+            order = list(variants)
+            for v in order[r % len(order) :] + order[: r % len(order)]:
+                t = time.perf_counter()
+                variants[v](**b)
+                times[v].append(time.perf_counter() - t)
+    latency = {k: median_ms(v) for k, v in times.items()}
+    print(latency, flush=True)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "sizes": sizes,
+        "multi": multi_row,
+        "latency_ms": latency,
+        "latency_batch": [32, seq],
+        "latency_reps": reps,
+        "max_abs_logit_diff_deploy_vs_training": diff,
+    }
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
+    """One variant's training steps; prints a JSON line with its memory numbers (KiB)."""
+    configs = allocations(cache_dir)
+    rss_start = _status_kb("VmRSS")
+    storage = None if variant == "fp" else variant.split("_")[0]
+    multi = variant.endswith("_multi")
+    model, names, opt = lora_model(storage, None if storage is None else configs[3.0])
+    if storage == "packed" and not multi:
+        freeze_model(model, [configs[3.0]], keep_original="drop")
+    gc.collect()
+    b = batch(seq)
+    cycle = list(configs.values()) if multi else [None]
+    if multi:  # first use of every configuration before the measured steps
+        for config in cycle:
+            set_model_config(model, config)
+    rss_setup = _status_kb("VmRSS")
+    peak_setup = _status_kb("VmHWM")  # per address space: not inherited from the parent
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the steps' own peak
+        reset = True
+    except OSError:
+        reset = False
+    for i in range(steps):
+        if multi:
+            set_model_config(model, cycle[i % len(cycle)])
+        train_step(model, opt, b)
+    weights = resident_weight_bytes(model)
+    caches = {id(m.cache): m.cache for m in model.modules() if hasattr(m, "cache")}
+    weights["cache"] = sum(c.nbytes for c in caches.values())  # every cached option
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "steps": steps,
+                "seq": seq,
+                "rss_start_kb": rss_start,
+                "rss_after_setup_kb": rss_setup,
+                "peak_setup_kb": peak_setup,
+                "peak_steps_kb": _status_kb("VmHWM") if reset else None,
+                "peak_process_kb": max(peak_setup, _status_kb("VmHWM")),
+                "weight_bytes": weights,
+            }
+        ),
+        flush=True,
+    )
+
+
+def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for variant in RSS_VARIANTS:
+        cmd = [sys.executable, __file__, "--rss-child", variant, "--steps", str(steps)]
+        cmd += ["--rss-seq", str(seq), "--cache-dir", str(cache_dir)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def _provenance(results: dict, part: str) -> list[str]:
+    m = results.get("meta", {}).get(part)
+    return [f"Run {m['date']}: `{m['command']}`", ""] if m else []
+
+
+def markdown(results: dict, command: str) -> list[str]:
+    lines = header_lines("Packed vs dequantized storage (MiniLM-L6)", command)
+    lines[0] = "# " + lines[0][3:]
+    lines += ["Each section names the run that produced it (parts can be re-run alone).", ""]
+    if "bytes" in results:
+        lines += [
+            "### Resident weight bytes vs the storage formula (original dropped)",
+            "",
+            *_provenance(results, "bytes"),
+            "| budget | avg bits | packed targets | non-target | resident | formula | diff "
+            "| dequantized (orig + copy) | fp |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["bytes"]:
+            mb = lambda v: f"{v / 2**20:.2f} MiB"  # noqa: E731
+            lines.append(
+                f"| {r['budget']} | {r['average_bits']} | {mb(r['packed_target_bytes'])} | "
+                f"{mb(r['non_target_bytes'])} | {mb(r['resident_bytes'])} | "
+                f"{mb(r['formula_bytes'])} | {100 * r['rel_diff']:+.3f}% | "
+                f"{mb(r['dequantized_resident_bytes'])} | {mb(r['fp_bytes'])} |"
+            )
+        lines.append("")
+    if "speed" in results:
+        lines += [
+            "### Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
+            "",
+            *_provenance(results, "speed"),
+            "| seq | budget | reps | packed ms | dequantized ms | fp ms | ratio of medians "
+            "| paired ratio median [q25, q75] | CPU-time ms packed / dequantized / fp "
+            "| CPU-time ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["speed"]:
+            q = r.get("paired_ratio_q25_q75", [float("nan")] * 2)
+            lines.append(
+                f"| {r['seq']} | {r['budget']} | {r['reps']} | {r['packed_ms']} | "
+                f"{r['dequantized_ms']} | {r['fp_ms']} | {r['packed_over_dequantized']:.3f} | "
+                f"{r.get('paired_ratio_median', float('nan')):.3f} [{q[0]:.3f}, {q[1]:.3f}] | "
+                f"{r.get('packed_cpu_ms')} / {r.get('dequantized_cpu_ms')} / {r.get('fp_cpu_ms')} "
+                f"| {r.get('cpu_ratio', float('nan')):.3f} |"
+            )
+        lines.append("")
+    if "switch" in results:
+        lines += [
+            "### Configuration switch (36 layers, all four configurations cached)",
+            "",
+            *_provenance(results, "switch"),
+            "| storage | switch ms (median) | first use ms per budget | cache MiB | entries |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["switch"]:
+            first = ", ".join(f"{b}: {v}" for b, v in r["first_use_ms"].items())
+            lines.append(
+                f"| {r['storage']} | {r['switch_ms']} | {first} | {r['cache_mb']} | "
+                f"{r['entries']} |"
+            )
+        lines.append("")
+    if "layers" in results:
+        lines += [
+            "### One linear, fwd + bwd wrt input, 2048 tokens (dense weight vs packed)",
+            "",
+            *_provenance(results, "layers"),
+            "| shape (out, in) | config | dense ms | packed ms | ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in results["layers"]:
+            lines.append(
+                f"| {tuple(r['shape'])} | {r['config']} | {r['dense_ms']} | {r['packed_ms']} | "
+                f"{r['ratio']:.3f} |"
+            )
+        lines.append("")
+    if "deploy" in results:
+        d = results["deploy"]
+        mb = lambda v: f"{v / 2**20:.3f} MiB"  # noqa: E731
+        lines += [
+            "### Packed export (`coalora.deploy`): on disk and loaded, vs the storage formula",
+            "",
+            *_provenance(results, "deploy"),
+            "| budget | packed base (data) | formula targets | non-target | export dir "
+            "| disk vs formula | loaded resident | resident vs formula |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d["sizes"]:
+            lines.append(
+                f"| {r['budget']} | {mb(r['packed_data_bytes'])} | "
+                f"{mb(r['target_formula_bytes'])} | {mb(r['non_target_bytes'])} | "
+                f"{mb(r['export_dir_bytes'])} | {100 * r['disk_rel_diff']:+.3f}% | "
+                f"{mb(r['loaded_resident_bytes'])} | {100 * r['resident_rel_diff']:+.3f}% |"
+            )
+        m = d["multi"]
+        lines += [
+            "",
+            f"One export of all {m['configurations']} configurations: {m['entries']} packed "
+            f"entries for {m['layer_option_pairs']} (layer, configuration) pairs, "
+            f"{mb(m['packed_data_bytes'])} vs {mb(m['sum_of_single_exports_bytes'])} for four "
+            "single exports.",
+            "",
+            f"Inference latency, batch {d['latency_batch'][0]} × {d['latency_batch'][1]}, no "
+            f"grad, medians of {d['latency_reps']} interleaved: "
+            + ", ".join(f"{k} {v} ms" for k, v in d["latency_ms"].items())
+            + f". Max |logit difference| deploy vs training-time model (3.0 bits): "
+            f"{d['max_abs_logit_diff_deploy_vs_training']:.2e}.",
+            "",
+        ]
+    if "rss" in results:
+        lines += [
+            "### Peak RSS of training steps (one process per variant, 3.0-bit allocation)",
+            "",
+            *_provenance(results, "rss"),
+            "| variant | RSS after setup | peak during steps (VmHWM) | process peak (VmHWM) "
+            "| weights: current + originals + other | + cached options |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["rss"]:
+            w = r["weight_bytes"]
+            held = (w["quantized"] + w["original"] + w["other"]) / 2**20
+            steps_peak = r["peak_steps_kb"]
+            lines.append(
+                f"| {r['variant']} | {r['rss_after_setup_kb'] / 1024:.0f} MiB | "
+                f"{'n/a' if steps_peak is None else f'{steps_peak / 1024:.0f} MiB'} | "
+                f"{r['peak_process_kb'] / 1024:.0f} MiB | {held:.1f} MiB | "
+                f"{w.get('cache', 0) / 2**20:.1f} MiB |"
+            )
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--seqs", default="64,24", help="sequence lengths for the step time")
+    ap.add_argument("--speed-budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--steps", type=int, default=6, help="training steps per RSS process")
+    ap.add_argument("--rss-seq", type=int, default=64)
+    ap.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("COALORA_CACHE_DIR", ROOT / ".cache" / "coalora")),
+    )
+    ap.add_argument("--rss-child", choices=RSS_VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=OUT / "packed_minilm")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.rss_child:
+        rss_child(args.rss_child, args.steps, args.rss_seq, args.cache_dir)
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise SystemExit(f"--parts {bad} not allowed; allowed: {list(PARTS)}")
+    configs = allocations(args.cache_dir)
+    results: dict = {}
+    json_path = args.out.with_suffix(".json")
+    if json_path.exists():  # parts not re-run keep their committed numbers
+        results = json.loads(json_path.read_text()).get("results", {})
+    seqs = [int(s) for s in args.seqs.split(",")]
+    if "bytes" in parts:
+        results["bytes"] = part_bytes(configs)
+    if "switch" in parts:
+        results["switch"] = part_switch(configs, args.reps)
+    if "layers" in parts:
+        results["layers"] = part_layers(args.reps)
+    if "speed" in parts:
+        budgets = [float(b) for b in args.speed_budgets.split(",")]
+        results["speed"] = part_speed(configs, args.reps, seqs, budgets)
+    if "deploy" in parts:
+        results["deploy"] = part_deploy(configs, args.reps)
+    if "rss" in parts:
+        results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmdline = "OMP_NUM_THREADS=1 python scripts/bench_packed.py " + " ".join(sys.argv[1:])
+    meta = results.setdefault("meta", {})
+    for part in parts:
+        meta[part] = {"date": stamp, "command": cmdline}
+    command = "OMP_NUM_THREADS=1 python " + " ".join(
+        [
+            str(
+                Path(sys.argv[0]).relative_to(ROOT)
+                if sys.argv[0].startswith(str(ROOT))
+                else sys.argv[0]
+            ),
+            *sys.argv[1:],
+        ]
+    )
+    lines = markdown(results, command)
+    atomic_write_json(json_path, {"header": lines[:5], "results": results})
+    emit_markdown(lines, args.out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
