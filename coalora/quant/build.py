@@ -30,6 +30,7 @@ from coalora.quant.allocation import (
 from coalora.quant.config import FIELDS, ModelQuantConfig, QuantConfig, QuantSpace
 from coalora.quant.error_table import ErrorTable
 from coalora.quant.linear import DequantCache
+from coalora.quant.packed import STORAGES
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ KEYS = (
     "fisher_examples",
     "cache_limit_mb",
     "table_cache",
+    "storage",
 )
 
 
@@ -70,6 +72,7 @@ class QuantSettings:
     fisher_examples: int = 64
     cache_limit_mb: float = 4096.0
     table_cache: bool = True
+    storage: str = "dequantized"  # how cached weights are held (docs/packed.md)
 
     @classmethod
     def from_cfg(cls, q: Any) -> QuantSettings:
@@ -89,6 +92,11 @@ class QuantSettings:
         limit = _get(q, "cache_limit_mb", 4096)
         if not _is_number(limit) or limit < 0:
             raise ConfigError(f"quant.cache_limit_mb={limit!r} must be a number ≥ 0")
+        storage = _get(q, "storage", "dequantized")
+        if storage not in STORAGES:
+            raise ConfigError(
+                f"quant.storage={storage!r} is not allowed; allowed: {list(STORAGES)}"
+            )
         n_fisher = _get(q, "fisher_examples", 64)
         if isinstance(n_fisher, bool) or not isinstance(n_fisher, int) or n_fisher < 1:
             raise ConfigError(f"quant.fisher_examples={n_fisher!r} must be an integer >= 1")
@@ -128,6 +136,7 @@ class QuantSettings:
             fisher_examples=int(n_fisher),
             cache_limit_mb=float(limit),
             table_cache=bool(_get(q, "table_cache", True)),
+            storage=str(storage),
         )
 
     @property
@@ -141,7 +150,7 @@ class QuantSettings:
 
     def build_cache(self) -> DequantCache:
         """The dequantized-weight cache every quantized base switches through."""
-        return DequantCache(self.cache_limit_mb)
+        return DequantCache(self.cache_limit_mb, storage=self.storage)
 
     def base_config(
         self,

@@ -75,3 +75,36 @@ def test_the_documented_smallest_method_trains_through_the_shared_machinery(tiny
     loss.backward()
     trained = {n for n, p in lit.named_parameters() if p.grad is not None}
     assert trained and all(("lora_" in n or "classifier" in n) for n in trained)
+
+
+@pytest.mark.parametrize("method", ["qlora", "coalora"])
+def test_packed_storage_trains_like_dequantized_storage(tiny_cfg, method):
+    """``quant.storage=packed`` is a memory choice only: same loss and same gradients."""
+    from coalora.stages.build import build_module, prepare
+
+    extra = ["quant=budget", "quant.budget=3.0"] if method == "qlora" else [
+        "method.pool.start=3.0", "method.pool.stop=3.8", "method.pool.step=0.4"]  # fmt: skip
+    results = []
+    for storage in ("dequantized", "packed"):
+        cfg = tiny_cfg([f"method={method}", *extra, f"quant.storage={storage}"])
+        dm, model, m, ctx = prepare(cfg)
+        m.setup(model, ctx)
+        lit = build_module(cfg, model, m, ctx)
+        for n, p in lit.named_parameters():  # B = 0 blocks A's gradient: give B a value
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+        loss = m.training_loss(lit.model, next(iter(dm.train_dataloader())), 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lit.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads))
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert set(g0) == set(g1) and all(torch.allclose(g0[n], g1[n], atol=1e-6) for n in g0)
+
+
+def test_a_misspelt_method_key_is_one_clear_line(tiny_cfg):
+    from coalora.stages.build import check_run
+
+    cfg = tiny_cfg(["method=lora", "+method.rnak=8"])
+    with pytest.raises(ConfigError, match=r"unknown keys \['rnak'\]"):
+        check_run(cfg)

@@ -23,6 +23,7 @@ KEYS = {
     "fisher_examples",
     "cache_limit_mb",
     "table_cache",
+    "storage",
 }
 
 
