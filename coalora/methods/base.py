@@ -93,7 +93,7 @@ class Method:
     #: the trained adapter serves any configuration of the space (evaluate at any budget, search)
     switches_configs = False
     #: ``export.py format=`` values this method supports (the first is the default)
-    export_formats: tuple[str, ...] = ("peft", "merged")
+    export_formats: tuple[str, ...] = ("peft", "merged", "packed")
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg

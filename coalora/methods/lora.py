@@ -8,3 +8,4 @@ from coalora.methods.base import Method
 class LoRA(Method):
     name = "lora"
     quant_modes = ("none",)
+    export_formats = ("peft", "merged")  # a full-precision base: nothing to pack

@@ -42,7 +42,7 @@ from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
 from coalora.stages.restore import load_run_config, resolve_checkpoint, restore
 
-FORMATS = ("auto", "peft", "merged")
+FORMATS = ("auto", "peft", "merged", "packed")
 MARKER = "coalora_export.json"
 
 
@@ -324,6 +324,8 @@ def run(cfg: DictConfig) -> Path:
     if cfg.out_dir:
         _check_target(Path(cfg.out_dir).resolve(), run_dir.resolve(), bool(cfg.get("overwrite")))
     run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir)
+    if fmt == "packed":
+        return export_packed(cfg, run_cfg, lit, run_dir)
     config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
     method = lit.method
     method.adapt(lit.model, config)
@@ -367,7 +369,63 @@ def run(cfg: DictConfig) -> Path:
 
 
 def fmt_dir(fmt: str) -> str:
-    return "adapter" if fmt == "peft" else "merged"
+    return {"peft": "adapter", "merged": "merged", "packed": "packed"}[fmt]
+
+
+def export_packed(cfg: DictConfig, run_cfg: DictConfig, lit, run_dir: Path) -> Path:
+    """``format=packed``: the deployable artefact (docs/packed.md). One shared set of bit-packed
+    (layer, option) entries for every requested configuration plus one small LoRA per
+    configuration (CoA-LoRA: B' folded for it); ``coalora.deploy.load(path, budget=...)`` serves
+    any of them without Lightning, Hydra or BoTorch."""
+    from coalora import deploy
+
+    method = lit.method
+    budgets = list(cfg.quant.get("budgets") or [])
+    if budgets and not method.switches_configs:
+        raise ConfigError(
+            f"quant.budgets: method={method.name} was trained on one configuration and exports "
+            "only that one; drop quant.budgets"
+        )
+    configs: dict[str, ModelQuantConfig] = {}
+    if budgets:
+        for b in budgets:
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ConfigError(f"quant.budgets={budgets}: {b!r} is not a number (average bits)")
+        weights = model_weights(lit.model, method.names)
+        allocs = allocations(
+            weights, [float(b) for b in budgets], method.space, Path(cfg.paths.cache_dir),
+            run_cfg.model.name, lit.ctx.quant.solver,
+        )  # fmt: skip
+        configs = {f"{b:g}": c for b, c in allocs.items()}
+    else:
+        config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
+        if config is None:
+            raise ConfigError(
+                f"format=packed needs a quantized base; method={method.name} ran on "
+                f"quant={run_cfg.quant.mode}: use format=peft or format=merged"
+            )
+        configs = {f"{config.average_bits():.4g}": config}
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    scaling = 1.0
+    for label, config in configs.items():
+        method.adapt(lit.model, config)
+        adapters[label], scaling = deploy.lora_tensors(lit.model, method.names)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.paths.output_dir) / "packed"
+    card = (
+        f"Trained with coalora: method={method.name}, model={run_cfg.model.name}, "
+        f"task={run_cfg.task.name}, run {run_dir}.\n"
+    )
+    deploy.save_packed(
+        lit.model, method.names, configs, adapters, out_dir, scaling=scaling, card=card,
+        overwrite=True,  # out_dir was checked above: empty, ours, or overwrite=true
+    )  # fmt: skip
+    sizes = {k: round(c.average_bits(), 4) for k, c in configs.items()}
+    atomic_write_json(
+        Path(cfg.paths.output_dir) / "export.json",
+        {"format": "packed", "model_dir": str(out_dir), "avg_bits": sizes, "ckpt": str(cfg.ckpt)},
+    )
+    print(f"exported {method.name} packed model for {sizes} average bits to {out_dir}")
+    return out_dir
 
 
 def registry_method(run_cfg: DictConfig):

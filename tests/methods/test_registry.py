@@ -21,7 +21,7 @@ def test_every_method_yaml_names_a_registered_class_and_back():
     assert names == set(registry())
     for name, cls in registry().items():
         assert issubclass(cls, Method) and cls.name == name
-        assert cls.export_formats and set(cls.export_formats) <= {"peft", "merged"}
+        assert cls.export_formats and set(cls.export_formats) <= {"peft", "merged", "packed"}
 
 
 def test_capabilities_are_declared():

@@ -165,3 +165,34 @@ def test_a_new_run_refuses_another_runs_directory(coalora_run):
     )  # fmt: skip
     assert r.returncode == 2 and "already holds another run" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_packed_export_serves_every_budget_with_the_adapted_models_logits(coalora_run):
+    """``export.py format=packed quant.budgets=[...]``: one artefact; ``deploy.load(path, budget)``
+    gives the same logits as the restored run adapted to that budget."""
+    import torch
+
+    from coalora import adapt, deploy
+    from coalora.quant.build import allocations
+    from coalora.quant.model import model_weights
+    from coalora.stages.restore import restore
+
+    out = coalora_run / "packed"
+    r = cli(
+        "export.py",
+        [f"ckpt={coalora_run / 'run'}", "format=packed", "quant.budgets=[3.0,4.0]",
+         f"out_dir={out}", f"hydra.run.dir={coalora_run / 'pk'}"],
+        coalora_run / "cache",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(deploy.labels(out)) == ["3", "4"]
+    _, lit = restore(coalora_run / "run", cache_dir=coalora_run / "cache")
+    weights = model_weights(lit.model, lit.method.names)
+    allocs = allocations(weights, [3.0], lit.method.space, coalora_run / "cache", "tiny_bert")
+    x = {"input_ids": torch.randint(5, 1000, (2, 12)), "attention_mask": torch.ones(2, 12).long()}
+    with torch.no_grad():
+        expected = adapt(lit, allocs[3.0])(**x).logits
+        served = deploy.load(out, budget=3.0)(**x).logits
+    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="available"):
+        deploy.load(out, budget=2.75)
