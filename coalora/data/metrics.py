@@ -119,6 +119,21 @@ def logits_to_preds(logits: torch.Tensor, task: DictConfig | bool) -> torch.Tens
     return logits.argmax(dim=-1)  # (B, C) -> (B,)
 
 
+def update_metrics(
+    metrics: MetricCollection, task: DictConfig, logits: torch.Tensor, batch: dict
+) -> list[tuple]:
+    """Feed one batch's logits to ``metrics`` (built by :func:`build_metrics` for ``task``) and
+    return one record per example: (label, prediction) for GLUE tasks, (scored tokens, summed
+    NLL) per block for causal-LM tasks (what paired tests resample)."""
+    if is_causal_lm(task):
+        nll, tokens = block_nll(logits, batch["labels"], batch.get("attention_mask"))
+        metrics.update(nll, tokens)
+        return list(zip(tokens.tolist(), nll.tolist(), strict=True))
+    preds = logits_to_preds(logits, task)
+    metrics.update(preds, batch["labels"])
+    return list(zip(batch["labels"].tolist(), preds.tolist(), strict=True))
+
+
 def monitor_key(task: DictConfig, prefix: str = "val/") -> str:
     """``<prefix><primary key>``, e.g. ``val/acc`` (what ``task.monitor`` resolves to)."""
     if is_causal_lm(task):

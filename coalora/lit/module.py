@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from coalora.data.metrics import build_metrics
+from coalora.data.metrics import build_metrics, update_metrics
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -54,12 +54,10 @@ class FinetuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ eval
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        labels = batch["labels"]
         for label, config in self.eval_configs.items():
             with self.method.configured(self.model, config):
                 logits = self.model(**batch).logits
-            preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
-            self.val_metrics[self._key(label)].update(preds, labels)
+            update_metrics(self.val_metrics[self._key(label)], self.task, logits, batch)
 
     def on_validation_epoch_end(self) -> None:
         out: dict[str, float] = {}

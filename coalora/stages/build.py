@@ -17,12 +17,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from coalora.data import GlueDataModule
+from coalora.data.lm import LMDataModule
 from coalora.errors import ConfigError
 from coalora.lit import FinetuneModule
 from coalora.lit.module import SCHEDULES
 from coalora.lit.search_refresh import SearchRefreshCallback
 from coalora.methods import Method, MethodContext, build_method
-from coalora.models import build_model, build_tokenizer, check_model_task, find_targets
+from coalora.models import (
+    build_causal_lm,
+    build_model,
+    build_tokenizer,
+    check_model_task,
+    find_targets,
+    task_kind,
+)
 from coalora.quant import QuantSettings
 from coalora.stages.common import AtomicCheckpointIO, instantiate_dict
 
@@ -109,7 +117,28 @@ def check_run(cfg: DictConfig) -> tuple[Method, QuantSettings]:
 
 
 # ---------------------------------------------------------------- builders
-def build_datamodule(cfg: DictConfig, tokenizer) -> GlueDataModule:
+def build_backbone(cfg: DictConfig):
+    """The transformers model the run fine-tunes: a causal LM for ``task.kind=causal_lm``
+    (docs/decoder_lms.md), else a sequence classifier with the task's labels."""
+    if task_kind(cfg.task) == "causal_lm":
+        return build_causal_lm(cfg.model, seed=cfg.seed)
+    return build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer):
+    if task_kind(cfg.task) == "causal_lm":
+        dm = LMDataModule(
+            task=cfg.task,
+            tokenizer=tokenizer,
+            data_dir=cfg.paths.data_dir,
+            batch_size=cfg.data.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.seed,
+            allow_hub=cfg.data.allow_hub,
+        )
+        dm.setup("fit")
+        return dm
     dm = GlueDataModule(
         task=cfg.task,
         tokenizer=tokenizer,
@@ -158,7 +187,7 @@ def prepare(cfg: DictConfig, with_data: bool = True) -> tuple[Any, Any, Method, 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method, quant = check_run(cfg)
     dm = build_datamodule(cfg, build_tokenizer(cfg.model)) if with_data else None
-    model = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
+    model = build_backbone(cfg)
     ctx = method_context(cfg, model, quant, dm, run_dir_of(cfg))
     return dm, model, method, ctx
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from coalora.data.metrics import build_metrics
+from coalora.data.metrics import build_metrics, update_metrics
 from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json
 from coalora.quant import ModelQuantConfig, QuantSpace
@@ -56,15 +56,13 @@ def random_near(
 
 @torch.no_grad()
 def score(lit, loader, task, predictions: list | None = None) -> dict[str, float]:
-    """Task metrics over ``loader``; appends (label, prediction) per example to ``predictions``
-    when a list is given (in the loader's order)."""
+    """Task metrics over ``loader``; appends one record per example to ``predictions`` when a
+    list is given, in the loader's order ((label, prediction), or (tokens, NLL) per LM block)."""
     metrics = build_metrics(task, prefix="")
     for batch in loader:
-        logits = lit.model(**batch).logits
-        preds = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
-        metrics.update(preds, batch["labels"])
+        records = update_metrics(metrics, task, lit.model(**batch).logits, batch)
         if predictions is not None:
-            predictions.extend(zip(batch["labels"].tolist(), preds.tolist(), strict=True))
+            predictions.extend(records)
     return {k: float(v) for k, v in metrics.compute().items()}
 
 

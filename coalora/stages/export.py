@@ -37,6 +37,7 @@ from coalora.adapters import AdapterLayer, LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
 from coalora.methods import registry
+from coalora.models import task_kind
 from coalora.quant import ModelQuantConfig, QuantLinear, fake_quantize
 from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
@@ -120,10 +121,10 @@ def effective_linear(module: nn.Module, in_features: int) -> tuple[torch.Tensor,
 def merged_model(lit, run_cfg: DictConfig) -> nn.Module:
     """A fresh ``transformers`` model whose target linears hold the adapted model's effective
     weights and whose other parameters (head included) are copied from it."""
-    from coalora.models import build_model
+    from coalora.stages.build import build_backbone
 
     lit.model.eval()
-    fresh = build_model(run_cfg.model, num_labels=run_cfg.task.num_labels, seed=run_cfg.seed)
+    fresh = build_backbone(run_cfg)
     source = lit.model.state_dict()
     target = fresh.state_dict()
     with torch.no_grad():
@@ -182,7 +183,7 @@ def adapter_config(run_cfg: DictConfig, names: list[str], head: list[str]) -> di
     base = run_cfg.model.get("hub_id") or run_cfg.model.name
     return {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": "CAUSAL_LM" if task_kind(run_cfg.task) == "causal_lm" else "SEQ_CLS",
         "base_model_name_or_path": base,
         "r": int(m.rank),
         "lora_alpha": float(m.alpha),

@@ -17,8 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import ConfigError
 from coalora.lit import FinetuneModule
-from coalora.models import build_model, build_tokenizer
-from coalora.stages.build import build_datamodule, build_module, check_run, method_context
+from coalora.models import build_tokenizer
+from coalora.stages.build import (
+    build_backbone,
+    build_datamodule,
+    build_module,
+    check_run,
+    method_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ def load_run(
             f"method={cfg.method.get('name')}"
         )
     method, quant = check_run(cfg)
-    model = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
+    model = build_backbone(cfg)
     dm = build_datamodule(cfg, build_tokenizer(cfg.model)) if with_data else None
     ctx = method_context(cfg, model, quant, dm, run_dir, cache_dir or cfg.paths.cache_dir)
     method.setup(model, ctx)
