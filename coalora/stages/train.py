@@ -101,7 +101,7 @@ def stop_on_sigterm(trainer, run_dir) -> str:
     without that callback it is written here)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file() or _ckpt_step(ckpt) != trainer.global_step:
-        trainer.save_checkpoint(str(ckpt))
+        trainer.save_checkpoint(str(ckpt), weights_only=False)
     return (
         f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={ckpt} "
         "(no results were written)"
