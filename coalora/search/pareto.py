@@ -1,7 +1,7 @@
 """Pareto utilities for the (average bits, loss) trade-off, all objectives MINIMISED.
 
 * `non_dominated_mask` / `non_dominated`: the first non-dominated front.
-* `segmented_selection`: CoA-LoRA's segmented Pareto selection (arXiv 2509.25214, §3.3): split
+* `segmented_selection`: CoA-LoRA's segment-wise Pareto selection (arXiv 2509.25214): split
   the bits axis into U contiguous segments and keep every segment's own non-dominated set,
   so the training set covers the whole bit range instead of the global front's favoured part.
   Bins are half-open ``[e_i, e_{i+1})`` except the last, which is closed.
