@@ -209,9 +209,23 @@ def load_frame(runs: list[Path], labels: str = "auto") -> pd.DataFrame:
         frame[col] = frame[col].fillna("")
     frame["seed"] = pd.Series([_seed(v) for v in frame["seed"]], index=frame.index, dtype=object)
     frame["series"] = (
-        frame["run"].map(lambda r: Path(r).name) if labels == "run" else _series_labels(frame)
+        frame["run"].map(short_names(runs)) if labels == "run" else _series_labels(frame)
     )
     return frame
+
+
+def short_names(runs: list[Path]) -> dict[str, str]:
+    """Run path -> its shortest trailing part that no other run shares (job ``0`` of two sweeps
+    becomes ``<date A>/0`` and ``<date B>/0``)."""
+    parts = {str(r): Path(r).parts for r in runs}
+    out: dict[str, str] = {}
+    for run, p in parts.items():
+        for k in range(1, len(p) + 1):
+            tail = p[-k:]
+            if all(q[-k:] != tail for other, q in parts.items() if other != run):
+                break
+        out[run] = "/".join(tail)
+    return out
 
 
 def _seed(value: Any) -> int | str | None:
@@ -246,7 +260,8 @@ def _series_labels(frame: pd.DataFrame) -> pd.Series:
     per_cell = frame.groupby([names, frame["kind"], cell])["run"].transform("nunique")
     clash = set(names[per_cell > 1])
     dup = names.isin(clash)
-    names[dup] = names[dup] + " (" + frame.loc[dup, "run"].map(lambda r: Path(r).name) + ")"
+    short = short_names(list(frame.loc[dup, "run"].unique()))
+    names[dup] = names[dup] + " (" + frame.loc[dup, "run"].map(short) + ")"
     return names
 
 

@@ -212,3 +212,25 @@ def test_wandb_logs_into_the_output_dir(tmp_path, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "wandb").exists()
     assert os.getcwd() == str(tmp_path)
+
+
+def test_job_zero_of_two_sweeps_stays_two_runs(tmp_path):
+    runs = []
+    for date, acc in (("2026-12-01_10-00-00", 0.80), ("2026-12-01_11-00-00", 0.70)):
+        runs.append(
+            write(
+                tmp_path / "multirun" / date / "0",
+                {"method": "qlora", "avg_bits": 3.0, "seed": 0, "metrics": {"val/acc": acc}},
+            )
+        )
+    frame = C.load_frame(runs)
+    assert sorted(frame["series"]) == [
+        "qlora (2026-12-01_10-00-00/0)",
+        "qlora (2026-12-01_11-00-00/0)",
+    ]
+    agg = C.aggregate_seeds(frame, "acc")
+    assert len(agg) == 2 and set(agg["n"]) == {1}  # never averaged together
+    assert sorted(C.load_frame(runs, labels="run")["series"]) == [
+        "2026-12-01_10-00-00/0",
+        "2026-12-01_11-00-00/0",
+    ]
