@@ -290,7 +290,7 @@ def aggregate_seeds(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- tables
 def table_columns(frame: pd.DataFrame, metric: str, aggregated: bool) -> list[str]:
-    cols = ["model", "task", "method", "variant", "kind", "budget", "avg_bits", metric]
+    cols = ["series", "model", "task", "method", "variant", "kind", "budget", "avg_bits", metric]
     cols += [f"{metric}_std", "n", "seeds"] if aggregated else []
     cols += ["fit_seconds", "steps"]
     cols += [] if aggregated else ["seed", "run"]

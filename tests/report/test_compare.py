@@ -137,8 +137,8 @@ def test_aggregate_band_and_loss_overlay(tmp_path, monkeypatch):
     )
     out = compare(tmp_path, monkeypatch, runs_arg(runs), "aggregate=true", "curves=true")
     frame = pd.read_csv(out / "comparison.csv")
-    assert list(frame.columns[:8]) == ["model", "task", "method", "kind", "budget", "avg_bits",
-                                       "acc", "acc_std"]  # fmt: skip
+    assert list(frame.columns[:9]) == ["series", "model", "task", "method", "kind", "budget",
+                                       "avg_bits", "acc", "acc_std"]  # fmt: skip
     qlora = frame[frame["method"] == "qlora"].iloc[0]
     assert qlora["acc"] == pytest.approx(0.82) and qlora["acc_std"] == pytest.approx(0.02)
     assert qlora["n"] == 3 and qlora["seeds"] == "1 2 3"
