@@ -70,8 +70,12 @@ def run(cfg: DictConfig) -> dict:
 
     quantized = table[table["avg_bits"] < 16]
     series = {name: grp.to_dict("records") for name, grp in quantized.groupby("series", sort=False)}
+    full = table[table["avg_bits"] >= 16]
+    refs = {str(r["series"]): float(r[metric]) for _, r in full.iterrows()}
     if series:
-        written.append(plot_metric_vs_bits(series, out / f"{metric}_vs_bits.png", metric=metric))
+        written.append(
+            plot_metric_vs_bits(series, out / f"{metric}_vs_bits.png", metric, references=refs)
+        )
     if not times.empty:
         ns = list(range(1, n_max + 1))
         curves = {

@@ -24,12 +24,18 @@ def _missing(v) -> bool:
 
 
 def plot_metric_vs_bits(
-    series: dict[str, list[dict]], path: str | Path, metric: str | None = None
+    series: dict[str, list[dict]],
+    path: str | Path,
+    metric: str | None = None,
+    references: dict[str, float] | None = None,
 ) -> Path:
     """``series``: name -> rows with ``avg_bits``, ``kind`` and metric columns.
 
-    Seed-aggregated rows (a ``<metric>_std`` column) get a ± one-standard-deviation band."""
+    Seed-aggregated rows (a ``<metric>_std`` column) get a ± one-standard-deviation band;
+    ``references`` (name -> value, e.g. full-precision runs) are dotted horizontal lines."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, value in (references or {}).items():
+        ax.axhline(value, color="0.45", ls=":", lw=1.2, label=f"{name} (full precision)")
     for name, rows in series.items():
         if not rows:
             continue
