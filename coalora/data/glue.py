@@ -1,4 +1,5 @@
-"""GLUE as a LightningDataModule: local TSV first, the hub as fallback (DESIGN §7).
+"""GLUE as a LightningDataModule: local TSV first, the hub as fallback (docs/architecture.md,
+"coalora.data").
 
 Data is looked up under ``<data_dir>/glue/<task.glue_dir>/`` (``data_dir`` is
 ``paths.data_dir``, which the config fills from env ``COALORA_DATA_DIR``). When the files are not
