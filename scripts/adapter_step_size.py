@@ -19,17 +19,12 @@ method's configured lr to a copy of the adapter, and reports per-layer means of 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from coalora.report.bench import emit_markdown  # noqa: E402
+from coalora.report.bench import emit_markdown
 
 METHODS = ("qlora", "lq_lora", "qwha")
 

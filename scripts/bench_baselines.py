@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
+from coalora.report.bench import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from coalora.report.bench import write_section  # noqa: E402
 
 SECTION = "## Baselines at step 0 (LQ-LoRA, QWHA vs QLoRA)"
 SECTION_TRAINED = "## Baselines at step 0 with a trained head (quantizing a fine-tuned model)"

@@ -15,21 +15,18 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+
+from coalora.lit import CoaloraModule
+from coalora.methods.coalora import adapt
+from coalora.quant import ModelQuantConfig, set_model_config
+from coalora.report.bench import header_lines, median_time, write_section
+from coalora.stages.train import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from coalora.lit import CoaloraModule  # noqa: E402
-from coalora.methods.coalora import adapt  # noqa: E402
-from coalora.quant import ModelQuantConfig, set_model_config  # noqa: E402
-from coalora.report.bench import header_lines, median_time, write_section  # noqa: E402
-from coalora.stages.train import prepare  # noqa: E402
 
 SECTION = "CoA-LoRA step and adaptation cost"
 

@@ -30,10 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from coalora.quant import (  # noqa: E402
+from coalora.quant import (
     NF4,
     DequantCache,
     ErrorTable,
@@ -52,10 +49,11 @@ from coalora.quant import (  # noqa: E402
     target_linear_names,
     unpack_quantized,
 )
-from coalora.quant.allocation import table_path  # noqa: E402
+from coalora.quant.allocation import table_path
+from coalora.report.bench import median_time, write_section
 
+ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-from coalora.report.bench import median_time, write_section  # noqa: E402
 
 SECTION = "## Quantization engine"
 

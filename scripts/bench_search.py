@@ -21,22 +21,20 @@ import sys
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hydra import compose, initialize_config_dir  # noqa: E402
-
-from coalora.quant import ModelQuantConfig  # noqa: E402
-from coalora.quant.model import model_weights  # noqa: E402
-from coalora.report.bench import header_lines, write_section  # noqa: E402
-from coalora.search.loop import run_search  # noqa: E402
-from coalora.stages.search import (  # noqa: E402
+from coalora.quant import ModelQuantConfig
+from coalora.quant.model import model_weights
+from coalora.report.bench import header_lines, write_section
+from coalora.search.loop import run_search
+from coalora.stages.search import (
     build_objective,
     check_config,
     labelled_pool,
     search_kwargs,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTION = "Pareto search"
 

@@ -11,16 +11,12 @@ two configurations are served). Values near 0 mean the run behaves like Shared-L
 from __future__ import annotations
 
 import argparse
-import sys
 from itertools import combinations
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from coalora.report.bench import emit_markdown  # noqa: E402
+from coalora.report.bench import emit_markdown
 
 
 def main(argv: list[str] | None = None) -> str:

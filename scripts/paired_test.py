@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, bootstrap
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from coalora.report.bench import emit_markdown  # noqa: E402
+from coalora.report.bench import emit_markdown
 
 
 def load(run: Path) -> tuple[str, dict[str, dict[int, bool]]]:
@@ -49,10 +45,20 @@ def paired_stats(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0)
     """``a``, ``b``: per-example correctness (bool arrays on the same examples)."""
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(reps, len(a)))
-    diffs = a[idx].mean(axis=1) - b[idx].mean(axis=1)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    if only_a + only_b == 0:  # identical predictions: every resample's difference is 0
+        lo = hi = 0.0
+    else:  # paired: one resample draws the same examples for both runs
+        ci = bootstrap(
+            (a.astype(float), b.astype(float)),
+            lambda x, y, axis: x.mean(axis=axis) - y.mean(axis=axis),
+            paired=True,
+            vectorized=True,
+            n_resamples=reps,
+            confidence_level=0.95,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
+        lo, hi = ci.low, ci.high
     return {
         "acc_a": float(a.mean()),
         "acc_b": float(b.mean()),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Search -> train CoA-LoRA on the searched set -> evaluate at the target budgets (DESIGN §5, §6),
-# on the embedded MiniLM-L6 + SST-2.
+# Search -> train CoA-LoRA on the searched set -> evaluate at the target budgets (arXiv 2509.25214;
+# README "Pareto search"), on the embedded MiniLM-L6 + SST-2.
 #
 #   scripts/pipeline.sh                      # full: 10 search rounds, 1000 training steps
 #   QUICK=1 scripts/pipeline.sh              # smoke run: 2 rounds, 60 steps, 256 eval samples

@@ -1,14 +1,17 @@
 """Pareto utilities for the (average bits, loss) trade-off, all objectives MINIMISED.
 
 * `non_dominated_mask` / `non_dominated`: the first non-dominated front.
-* `segmented_selection`: CoA-LoRA's segmented Pareto selection (papers.md §1.5, algorithms.md §4.8):
-  split the bits axis into U contiguous segments and keep every segment's own non-dominated set,
+* `segmented_selection`: CoA-LoRA's segment-wise Pareto selection (arXiv 2509.25214): split
+  the bits axis into U contiguous segments and keep every segment's own non-dominated set,
   so the training set covers the whole bit range instead of the global front's favoured part.
   Bins are half-open ``[e_i, e_{i+1})`` except the last, which is closed.
 * `hypervolume_2d`: exact dominated area w.r.t. a reference point (minimisation).
 * `infer_reference`: a reference point slightly worse than the worst observation
-  (max + 0.1 * range). The reference code used [0, 0] for negated objectives, which no observation
-  dominates, so its EHVI partitioning was empty (algorithms.md §7.2 item 7).
+  (max + 0.1 * range). A reference of [0, 0] for negated objectives is dominated by no
+  observation, which leaves the EHVI box partitioning empty.
+
+The mask and the area come from BoTorch (`is_non_dominated`, `DominatedPartitioning`, which
+maximise: objectives are negated on the way in); only the segmenting is written here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from botorch.utils.multi_objective.box_decompositions.dominated import DominatedPartitioning
+from botorch.utils.multi_objective.pareto import is_non_dominated
 from torch import Tensor
 
 from coalora.errors import ConfigError
@@ -38,12 +43,7 @@ def non_dominated_mask(Y: Tensor | Sequence) -> Tensor:
     ``a`` dominates ``b`` when a <= b everywhere and a < b somewhere, so duplicates are all kept.
     """
     Y = _as_2d(Y)  # (n, m)
-    if Y.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    le = (Y.unsqueeze(1) <= Y.unsqueeze(0)).all(-1)  # (n, n): row i <= row j everywhere
-    lt = (Y.unsqueeze(1) < Y.unsqueeze(0)).any(-1)  # (n, n): row i < row j somewhere
-    dominated = (le & lt).any(0)  # (n,): some i dominates j
-    return ~dominated
+    return is_non_dominated(Y, maximize=False, deduplicate=False)
 
 
 def non_dominated(Y: Tensor | Sequence) -> Tensor:
@@ -126,16 +126,7 @@ def hypervolume_2d(points: Tensor | Sequence, ref: Tensor | Sequence[float]) -> 
     P = P[(P < ref).all(1)]
     if P.shape[0] == 0:
         return 0.0
-    order = torch.argsort(P[:, 1], stable=True)  # secondary key: y ascending
-    P = P[order]
-    P = P[torch.argsort(P[:, 0], stable=True)]  # primary key: x ascending
-    area, y_prev = 0.0, ref[1].item()
-    # sweep left to right: each new lower y adds the strip [y, y_prev) x [x, ref_x)
-    for x, y in P.tolist():
-        if y < y_prev:
-            area += (ref[0].item() - x) * (y_prev - y)
-            y_prev = y
-    return area
+    return float(DominatedPartitioning(ref_point=-ref, Y=-P).compute_hypervolume())
 
 
 def infer_reference(Y: Tensor | Sequence, scale: float = REFERENCE_SCALE) -> Tensor:

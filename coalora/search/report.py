@@ -1,4 +1,5 @@
-"""Search outputs: configset, CSV tables, Pareto and hypervolume plots, W&B (DESIGN §5).
+"""Search outputs: configset, CSV tables, Pareto and hypervolume plots, W&B
+(docs/architecture.md, "coalora.search").
 
 Every file is written atomically (temp file + rename), so an interrupted search leaves either the
 previous file or none. Column meanings:
@@ -220,6 +221,7 @@ class SearchWandb:
     def __init__(self, run, cfg: DictConfig) -> None:
         self.run = run
         self.cfg = cfg
+        self._initial_logged = False
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path) -> SearchWandb:
@@ -234,7 +236,23 @@ class SearchWandb:
         )  # fmt: skip
         return cls(run, cfg)
 
+    def log_initial(self, result) -> None:
+        """Step 0: the initial pool's hypervolume, before any search iteration (once)."""
+        if self._initial_logged or not result.hypervolume:
+            return
+        self._initial_logged = True
+        n0 = sum(1 for o in result.observations if o.iteration == 0)
+        self.run.log(
+            {
+                "search/hypervolume": result.hypervolume[0],
+                "search/observations": n0,
+                "search/candidates": n0,
+            },
+            step=0,
+        )
+
     def log_iteration(self, record, result) -> None:
+        self.log_initial(result)
         self.run.log(
             {
                 "search/hypervolume": record.hypervolume,
@@ -253,8 +271,9 @@ class SearchWandb:
             columns=list(OBS_COLUMNS), data=[[r[c] for c in OBS_COLUMNS] for r in rows]
         )
         scatter = wandb.plot.scatter(table, "avg_bits", "loss", title="loss vs average bits")
-        images = {
-            f"search/{p.stem}": wandb.Image(str(p))
+        self.log_initial(result)  # a search with zero iterations still has its step 0
+        images = {  # search/plots/...: "search/hypervolume" is the scalar series
+            f"search/plots/{p.stem}": wandb.Image(str(p))
             for p in (configset.parent / "pareto.png", configset.parent / "hypervolume.png")
             if p.is_file()
         }

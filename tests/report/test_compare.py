@@ -1,84 +1,236 @@
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+
+from coalora.errors import ConfigError
+from coalora.report import compare as C
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare.py"
 
 
-def write(run: Path, obj: dict) -> Path:
+def write(run: Path, obj: dict, loss_points: int = 0) -> Path:
     run.mkdir(parents=True)
+    obj = {"model": "minilm_l6", "task": "sst2", **obj}
     (run / "results.json").write_text(json.dumps(obj))
+    if loss_points:
+        rows = "".join(f"0,{10 * i + 9},{1.0 / (i + 1)},\n" for i in range(loss_points))
+        (run / "csv").mkdir()
+        (run / "csv" / "metrics.csv").write_text(
+            "epoch,step,train/loss,val/acc\n" + rows + f"0,{10 * loss_points - 1},,0.8\n"
+        )
     return run
 
 
-def test_compare_builds_table_and_plot(tmp_path, monkeypatch, capsys):
-    coa = write(
-        tmp_path / "coa",
+def compare(tmp_path: Path, monkeypatch, *args: str) -> Path:
+    out = tmp_path / "cmp"
+    argv = ["compare.py", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    return out
+
+
+def runs_arg(runs) -> str:
+    return "runs=[" + ",".join(map(str, runs)) + "]"
+
+
+def coalora_run(path: Path, seed: int = 0, accs=(0.80, 0.85), fit: float = 10.0) -> Path:
+    return write(
+        path,
         {
             "method": "coalora",
-            "fit_seconds": 10.0,
+            "seed": seed,
+            "fit_seconds": fit,
+            "train_configs": 16,
             "eval_avg_bits": {"2.5": 2.49, "3": 2.99},
-            "metrics": {"val/acc@2.5": 0.80, "val/acc@3": 0.85, "val/acc@mean": 0.825},
+            "metrics": {"val/acc@2.5": accs[0], "val/acc@3.0": accs[1], "val/acc@mean": 0.8},
         },
     )
+
+
+def test_compare_builds_table_and_plots(tmp_path, monkeypatch):
+    coa = coalora_run(tmp_path / "coa")
     ql = write(
         tmp_path / "ql",
         {"method": "qlora", "avg_bits": 2.99, "fit_seconds": 5.0, "metrics": {"val/acc": 0.86}},
     )
-    out = tmp_path / "cmp"
-    monkeypatch.setattr(sys, "argv", ["compare.py", f"runs={coa},{ql}", f"out={out}"])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+    out = compare(tmp_path, monkeypatch, runs_arg([coa, ql]))
     table = (out / "comparison.md").read_text()
+    header = table.splitlines()[0]
+    assert "model" in header and "task" in header and "minilm_l6" in table and "sst2" in table
     assert "coalora" in table and "qlora" in table and "0.8500" in table
+    # "3" and "3.0" are one budget: the label written as 3.0 matches eval_avg_bits["3"]
+    assert len(pd.read_csv(out / "comparison.csv").query("method == 'coalora'")) == 2
     # hypervolume of (bits, 1 - acc) with reference (3.24, 1.0): coalora's staircase area
     coa_hv = (3.24 - 2.49) * (1 - 0.20) + (3.24 - 2.99) * (0.20 - 0.15)
     assert f"* coalora: {coa_hv:.4f} (2 points)" in table
     assert (out / "acc_vs_bits.png").stat().st_size > 1000
+    assert (out / "time_vs_configs.png").stat().st_size > 1000
 
 
-def test_compare_rejects_a_dir_without_results(tmp_path, monkeypatch):
+def test_compare_rejects_a_dir_without_results(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
-    monkeypatch.setattr(sys, "argv", ["compare.py", f"runs={tmp_path / 'empty'}"])
-    with pytest.raises(SystemExit, match="no results.json"):
-        runpy.run_path(str(SCRIPT), run_name="__main__")
+    with pytest.raises(SystemExit):
+        compare(tmp_path, monkeypatch, f"runs={tmp_path / 'empty'}")
+    assert "has no results.json" in capsys.readouterr().err
 
 
-def test_compare_aggregates_seeds_and_overlays_loss(tmp_path, monkeypatch):
+def test_two_seeds_of_one_method_are_two_series(tmp_path):
+    runs = [
+        coalora_run(tmp_path / "a", seed=1, accs=(0.80, 0.85)),
+        coalora_run(tmp_path / "b", seed=2, accs=(0.70, 0.90)),
+    ]
+    frame = C.load_frame(runs)
+    assert sorted(frame["series"].unique()) == ["coalora seed 1", "coalora seed 2"]
+    # each line is monotone in bits: no zigzag through both runs' points
+    for _, grp in frame.groupby("series"):
+        assert grp.sort_values("avg_bits")["acc"].is_monotonic_increasing
+    agg = C.aggregate_seeds(frame, "acc")
+    assert agg["series"].unique().tolist() == ["coalora"]
+    row = agg[agg["budget"] == 2.5].iloc[0]
+    assert row["acc"] == pytest.approx(0.75) and row["n"] == 2 and row["seeds"] == "1 2"
+
+
+def test_settings_that_differ_name_the_series(tmp_path):
+    a = coalora_run(tmp_path / "pool")
+    b = coalora_run(tmp_path / "searched")
+    for run, configset in ((a, None), (b, "x/configset.json")):
+        res = json.loads((run / "results.json").read_text())
+        res["config"] = {"name": "coalora", "rank": 8, "configset": configset}
+        (run / "results.json").write_text(json.dumps(res))
+    names = sorted(C.load_frame([a, b])["series"].unique())
+    assert names == ["coalora configset=None", "coalora configset=x/configset.json"]
+    assert sorted(C.load_frame([a, b], labels="run")["series"].unique()) == ["pool", "searched"]
+
+
+def test_sweep_folder_and_glob_skip_multirun_yaml(tmp_path):
+    sweep = tmp_path / "multirun" / "2026-12-01_10-00-00"
+    for job, budget in ((0, 2.5), (1, 3.0), (10, 4.0)):
+        write(sweep / str(job), {"method": "qlora", "avg_bits": budget, "seed": 0,
+                                 "metrics": {"val/acc": 0.8}})  # fmt: skip
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    by_folder = C.expand_runs([str(sweep)])
+    assert [p.name for p in by_folder] == ["0", "1", "10"]
+    assert C.expand_runs([f"{sweep}/*"]) == by_folder
+    # one seed of a per-budget sweep is one line through its budgets
+    assert C.load_frame(by_folder)["series"].unique().tolist() == ["qlora"]
+    with pytest.raises(ConfigError, match="matches no path"):
+        C.expand_runs([f"{tmp_path}/nothing*"])
+
+
+def test_aggregate_band_and_loss_overlay(tmp_path, monkeypatch):
     runs = []
     for seed, acc in ((1, 0.80), (2, 0.84), (3, 0.82)):
-        run = write(
-            tmp_path / f"ql{seed}",
-            {"method": "qlora", "avg_bits": 2.5, "seed": seed, "metrics": {"val/acc": acc}},
+        runs.append(
+            write(
+                tmp_path / f"ql{seed}",
+                {"method": "qlora", "avg_bits": 2.5, "seed": seed, "metrics": {"val/acc": acc}},
+                loss_points=3,
+            )
         )
-        (run / "csv").mkdir()
-        (run / "csv" / "metrics.csv").write_text(
-            "epoch,step,train/loss,val/acc\n0,9,0.70,\n0,19,0.60,\n0,19,,0.8\n0,29,0.50,\n"
-        )
-        runs.append(run)
     runs.append(
         write(tmp_path / "lq", {"method": "lq_lora", "avg_bits": 2.5, "metrics": {"val/acc": 0.7}})
     )
-    out = tmp_path / "cmp"
-    argv = ["compare.py", f"runs={','.join(map(str, runs))}", f"out={out}"]
-    monkeypatch.setattr(sys, "argv", [*argv, "aggregate=true", "curves=true"])
-    runpy.run_path(str(SCRIPT), run_name="__main__")
-    lines = (out / "comparison.csv").read_text().splitlines()
-    assert lines[0].split(",")[:7] == [
-        "method",
-        "kind",
-        "budget",
-        "avg_bits",
-        "acc",
-        "acc_std",
-        "n",
-    ]
-    qlora = next(line.split(",") for line in lines if line.startswith("qlora"))
-    assert float(qlora[4]) == pytest.approx(0.82) and float(qlora[5]) == pytest.approx(0.02)
-    assert qlora[6] == "3" and qlora[7] == "1 2 3"
-    lq = next(line.split(",") for line in lines if line.startswith("lq_lora"))
-    assert lq[5] == "" and lq[6] == "1"  # one run: no standard deviation
+    out = compare(tmp_path, monkeypatch, runs_arg(runs), "aggregate=true", "curves=true")
+    frame = pd.read_csv(out / "comparison.csv")
+    assert list(frame.columns[:9]) == ["series", "model", "task", "method", "kind", "budget",
+                                       "avg_bits", "acc", "acc_std"]  # fmt: skip
+    qlora = frame[frame["method"] == "qlora"].iloc[0]
+    assert qlora["acc"] == pytest.approx(0.82) and qlora["acc_std"] == pytest.approx(0.02)
+    assert qlora["n"] == 3 and qlora["seeds"] == "1 2 3"
+    lq = frame[frame["method"] == "lq_lora"].iloc[0]
+    assert pd.isna(lq["acc_std"]) and lq["n"] == 1  # one run: no standard deviation
     assert (out / "train_loss.png").stat().st_size > 1000
     assert (out / "acc_vs_bits.png").stat().st_size > 1000
+
+
+def test_short_runs_write_no_empty_loss_plot(tmp_path, monkeypatch, capsys):
+    run = write(
+        tmp_path / "short",
+        {"method": "qlora", "avg_bits": 2.5, "metrics": {"val/acc": 0.8}},
+        loss_points=1,
+    )
+    out = compare(tmp_path, monkeypatch, f"runs={run}", "curves=true")
+    assert not (out / "train_loss.png").exists()
+    assert "no run logged train/loss" in capsys.readouterr().out  # Hydra logs to stdout
+
+
+def test_time_for_configs_linear_vs_flat(tmp_path, monkeypatch):
+    runs = [coalora_run(tmp_path / "coa", fit=300.0)]
+    for budget in (2.5, 3.0):
+        runs.append(
+            write(
+                tmp_path / f"ql{budget}",
+                {
+                    "method": "qlora",
+                    "avg_bits": budget,
+                    "fit_seconds": 100.0,
+                    "seed": 0,
+                    "metrics": {"val/acc": 0.8},
+                },
+            )  # fmt: skip
+        )
+    times = C.fit_time_table(C.load_frame(runs)).set_index("series")
+    assert times.loc["qlora", "runs"] == 2 and not times.loc["qlora", "shared"]
+    assert C.time_for_configs(times.loc["qlora"], 20) == pytest.approx(2000.0)
+    assert C.time_for_configs(times.loc["coalora"], 1) == C.time_for_configs(
+        times.loc["coalora"], 20
+    )  # no evaluation recorded an adaptation time: flat
+    out = compare(tmp_path, monkeypatch, runs_arg(runs), "time_max_configs=20")
+    text = (out / "comparison.md").read_text()
+    assert "N=20" in text and "2000.0" in text
+
+
+def test_evaluate_runs_take_model_and_task_from_the_trained_run(tmp_path):
+    trained = coalora_run(tmp_path / "train")
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    rows = [{"budget": 3.0, "kind": "allocation", "avg_bits": 2.99, "adapt_ms": 2.0, "acc": 0.84},
+            {"budget": 3.0, "kind": "random0", "avg_bits": 3.05, "adapt_ms": 4.0, "acc": 0.83}]  # fmt: skip
+    (ev / "results.json").write_text(
+        json.dumps({"ckpt": str(trained), "method": "coalora", "rows": rows})
+    )
+    frame = C.load_frame([ev])
+    assert set(frame["model"]) == {"minilm_l6"} and set(frame["task"]) == {"sst2"}
+    assert set(frame["kind"]) == {"allocation", "random0"}
+    times = C.fit_time_table(C.load_frame([trained, ev])).set_index("method")
+    assert times.loc["coalora", "adapt_ms"] == pytest.approx(3.0)
+
+
+@pytest.mark.slow  # wandb start-up takes ~25 s on a loaded 2-core CPU
+def test_wandb_logs_into_the_output_dir(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    ql = write(tmp_path / "ql", {"method": "qlora", "avg_bits": 3.0, "metrics": {"val/acc": 0.8}})
+    out = compare(tmp_path, monkeypatch, f"runs={ql}", "wandb=true")
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "wandb").exists()
+    assert os.getcwd() == str(tmp_path)
+
+
+def test_job_zero_of_two_sweeps_stays_two_runs(tmp_path):
+    runs = []
+    for date, acc in (("2026-12-01_10-00-00", 0.80), ("2026-12-01_11-00-00", 0.70)):
+        runs.append(
+            write(
+                tmp_path / "multirun" / date / "0",
+                {"method": "qlora", "avg_bits": 3.0, "seed": 0, "metrics": {"val/acc": acc}},
+            )
+        )
+    frame = C.load_frame(runs)
+    assert sorted(frame["series"]) == [
+        "qlora (2026-12-01_10-00-00/0)",
+        "qlora (2026-12-01_11-00-00/0)",
+    ]
+    agg = C.aggregate_seeds(frame, "acc")
+    assert len(agg) == 2 and set(agg["n"]) == {1}  # never averaged together
+    assert sorted(C.load_frame(runs, labels="run")["series"]) == [
+        "2026-12-01_10-00-00/0",
+        "2026-12-01_11-00-00/0",
+    ]
