@@ -93,7 +93,7 @@ def dev_pass(model, loader, ref: list[dict] | None = None) -> tuple[dict, list[d
 
 
 def build(overrides, cache_dir, out_dir, state: dict | None = None):
-    from coalora.stages.train import prepare
+    from coalora.stages.build import prepare
 
     cfg = make_cfg(overrides, cache_dir, out_dir)
     dm, model, method, ctx = prepare(cfg)

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from coalora.lit import CoaloraModule
-from coalora.methods.coalora import adapt
+from coalora import adapt
 from coalora.quant import ModelQuantConfig, set_model_config
 from coalora.report.bench import header_lines, median_time, write_section
-from coalora.stages.train import prepare
+from coalora.stages.build import build_module, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +45,7 @@ def build(method: str, extra: list[str]):
     cfg.paths.output_dir = "/tmp/coalora-bench"
     dm, model, m, ctx = prepare(cfg)
     m.setup(model, ctx)
-    lit = CoaloraModule(model, m, cfg.task, cfg.optim, ctx)
+    lit = build_module(cfg, model, m, ctx)
     model.train()
     opt = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=1e-4)
     return cfg, lit, dm, opt
@@ -76,14 +75,14 @@ def main() -> None:
         opt_q.zero_grad(set_to_none=True)
 
     def coa_step_one_config():
-        coa.method.apply(coa.model, config)
-        loss = coa.model(**batch).loss
+        with coa.method.configured(coa.model, config):
+            loss = coa.model(**batch).loss
         loss.backward()
         opt_c.step()
         opt_c.zero_grad(set_to_none=True)
 
     def coa_training_step():  # k = configs_per_step configurations, as in training
-        loss = coa.method.training_loss(coa, batch)
+        loss = coa.method.training_loss(coa.model, batch, 0)
         loss.backward()
         opt_c.step()
         opt_c.zero_grad(set_to_none=True)

@@ -27,12 +27,8 @@ from coalora.quant import ModelQuantConfig
 from coalora.quant.model import model_weights
 from coalora.report.bench import header_lines, write_section
 from coalora.search.loop import run_search
-from coalora.stages.search import (
-    build_objective,
-    check_config,
-    labelled_pool,
-    search_kwargs,
-)
+from coalora.search.pool import initial_pool
+from coalora.stages.search import build_objective, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +59,12 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("search", overrides=overrides)
     cfg.paths.output_dir = "/tmp/coalora-bench-search"
-    space, rng_bits = check_config(cfg)
+    space, settings = check_config(cfg)
     objective, _ = build_objective(cfg)
     names, numels = objective.names, objective.numels
     weights = model_weights(objective.model, names)
-    pool, sources = labelled_pool(
-        weights, space, cfg.search.pool, Path(cfg.paths.cache_dir), cfg.model.name, cfg.quant.solver
+    pool, sources = initial_pool(
+        weights, space, settings.pool, Path(cfg.paths.cache_dir), cfg.model.name, cfg.quant.solver
     )
     rng, options = random.Random(0), space.options()
     initial, init_sources = list(pool), list(sources)
@@ -78,7 +74,7 @@ def main() -> None:
     torch.manual_seed(0)
     result = run_search(objective, initial, space, names, numels, seed=int(cfg.seed),
                         progress=False, initial_sources=init_sources,
-                        **search_kwargs(cfg.search, rng_bits))  # fmt: skip
+                        **settings.run_kwargs())  # fmt: skip
     its = result.iterations
     med = statistics.median
     n0 = sum(1 for o in result.observations if o.iteration == 0)

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from coalora.methods.coalora import CoALoRA
-    from coalora.methods.pool import allocations
+    from coalora.methods.coa_lora import CoALoRA
+    from coalora.quant.build import allocations
     from coalora.quant.model import model_weights
     from coalora.stages.restore import restore
 

@@ -1,10 +1,10 @@
 """Quantization configurations: one layer's ``QuantConfig``, the option space, a model's assignment.
 
-A layer configuration is LQ-LoRA's NF-b + double-quantization tuple (arXiv 2311.12023 §3.2; docs/quantization.md,
-§1.5): ``(bits, bits0, dtype1, block0, block1)``. Its storage in bits per parameter is
+A layer configuration is LQ-LoRA's NF-b + double-quantization tuple (arXiv 2311.12023 §3.2;
+docs/quantization.md): ``(bits, bits0, dtype1, block0, block1)``. Its storage in bits per parameter is
 ``bits + bits0/block0 + w1/(block0*block1)`` with ``w1 = 32`` for fp32 second-level scales and 16
-for bf16/fp16 (§1.4; the per-matrix fp32 offset and the codebook are not counted).
-``QuantSpace`` is the per-layer option grid (default: the 432-option grid of §1.5, enumerated
+for bf16/fp16 (the per-matrix fp32 offset and the codebook are not counted).
+``QuantSpace`` is the per-layer option grid (default: the 432-option grid, enumerated
 bits → bits0 → dtype1 → block0 → block1). ``ModelQuantConfig`` maps target module names to
 configurations and knows the parameter count of each layer, hence the model's average bits.
 """

@@ -3,7 +3,7 @@
 LQ-LoRA (Guo et al., arXiv 2311.12023), §3 / Algorithm 1; docs/methods.md ("LQ-LoRA").
 Alternate, starting from ``Q = 0``:
 
-    L1, L2 = SVD_r(W − Q)            (optionally Fisher-weighted, §3.3 row/col/two-sided heuristics)
+    L1, L2 = SVD_r(W − Q)            (optionally Fisher-weighted, LQ-LoRA §3.4 row/col/two-sided heuristics)
     Q      = quantize(W − L1 L2)
     err    = ‖W − (Q + L1 L2)‖_F     (or ‖√Fisher ⊙ (W − (Q + L1 L2))‖_F)
 

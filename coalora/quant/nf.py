@@ -1,13 +1,14 @@
-"""NormalFloat-b block-wise quantization with double quantization (research/algorithms.md §1).
+"""NormalFloat-b block-wise quantization with double quantization (QLoRA arXiv 2305.14314
+§3; LQ-LoRA arXiv 2311.12023 §3.2; docs/quantization.md).
 
-* ``nf_codebook(bits)``: the NF-b codebook of §1.1 (2^b sorted values, exact -1, 0 and +1; NF4 is
+* ``nf_codebook(bits)``: the NF-b codebook (docs/quantization.md) (2^b sorted values, exact -1, 0 and +1; NF4 is
   bit-identical to bitsandbytes' table).
-* ``quantize_nf`` / ``dequantize_nf`` / ``fake_quantize``: exactly §1.3. The weight is flattened
+* ``quantize_nf`` / ``dequantize_nf`` / ``fake_quantize``: as docs/quantization.md describes. The weight is flattened
   row-major and viewed as ``(G, B1, B0)``; first-level absmax scales ``s1``; one scalar offset
   ``o = min(s1)``; second-level scales ``s2 = max_k (s1 - o)`` per super-block, rounded through
   ``dtype1``; ``q1 = clamp(round_half_even((s1 - o) * (M0 / s2)), 0, M0)`` with ``M0 = 2^b0 - 1``;
   the weights are encoded with the *dequantized* scales ``ŝ1 = q1 * s2 / M0 + o``, nearest value,
-  exact ties to the lower code (§1.2).
+  exact ties to the lower code.
 * ``quantize_nf_blockwise``: the plain path without double quantization (fp32 absmax per block of
   ``block0``), the same code assignment as bitsandbytes' ``quantize_4bit``.
 
@@ -37,8 +38,8 @@ from torch import Tensor
 
 from coalora.quant.config import QuantConfig
 
-OFFSET = 0.9677083  # bitsandbytes' NF4 constant (algorithms.md §1.1)
-S2_EPS = 2.0**-24  # pytorch_quantization's zero-amax threshold (§1.3 edge cases)
+OFFSET = 0.9677083  # bitsandbytes' NF4 constant (docs/quantization.md)
+S2_EPS = 2.0**-24  # pytorch_quantization's zero-amax threshold (the edge case of an all-equal super-block)
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -55,7 +56,7 @@ _TABLES: dict[tuple[int, str], _NFTables] = {}
 
 
 def _codebook_cpu(bits: int) -> Tensor:
-    """§1.1 following bitsandbytes' recipe, so NF4 is bit-identical to its table.
+    """The codebook following bitsandbytes' recipe, so NF4 is bit-identical to its table.
 
     float32 probabilities, Φ⁻¹ in float64, one rounding to float32, then a float32 division by the
     largest value (Φ⁻¹(OFFSET)): the same values as N(0, σ²).icdf with σ = 1/Φ⁻¹(OFFSET).
@@ -91,7 +92,7 @@ def _tables(bits: int, device: torch.device | str | None = None) -> _NFTables:
 
 
 def nf_codebook(bits: int, device: torch.device | str | None = None) -> Tensor:
-    """The NF-``bits`` codebook, sorted, float32, shape ``(2**bits,)`` (algorithms.md §1.1)."""
+    """The NF-``bits`` codebook, sorted, float32, shape ``(2**bits,)`` (docs/quantization.md)."""
     return _tables(bits, device).values.clone()
 
 
@@ -116,7 +117,7 @@ def nf_decode(codes: Tensor, bits: int) -> Tensor:
 
 @dataclass
 class QuantizedTensor:
-    """A weight in §1.3's storage form. Padded to whole super-blocks (see module docstring)."""
+    """A weight in its stored form (docs/quantization.md). Padded to whole super-blocks (see module docstring)."""
 
     codes: Tensor  # (G, B1, B0) uint8 NF codes
     q1: Tensor  # (G, B1) uint8 first-level scales, unsigned bits0-bit
@@ -159,7 +160,7 @@ def _dequant_scales(q1: Tensor, s2: Tensor, offset: Tensor, bits0: int) -> Tenso
 def _double_quantize(
     s1: Tensor, n_real: int, qc: QuantConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """§1.3 steps 3-5 on first-level scales s1 (G, B1) -> (q1 uint8, s2 dtype1, o, ŝ1 float32)."""
+    """Double quantization of the first-level scales s1 (G, B1) -> (q1 uint8, s2 dtype1, o, ŝ1 float32)."""
     if not bool(torch.isfinite(s1).all()):
         raise ValueError("weight has non-finite values (inf/NaN); cannot quantize")
     offset = s1.reshape(-1)[:n_real].min()  # () over blocks holding real weights only
@@ -187,7 +188,7 @@ def _nf_rows(
     deq_out: Tensor | None = None,
     weight: Tensor | None = None,
 ) -> Tensor | None:
-    """Encode rows A2 (R, B0) under per-row scales (R,) with the §1.2 rule, chunk by chunk.
+    """Encode rows A2 (R, B0) under per-row scales (R,) with the nearest-value rule (ties to the lower code), chunk by chunk.
 
     Writes codes (R, B0) uint8 into ``codes_out`` and/or v[code]*scale into ``deq_out``; with
     ``weight`` (R, B0) or ``weight=True`` (all ones) returns Σ weight ⊙ (A2 - v[code]*scale)² as a
@@ -230,7 +231,7 @@ def _nf_rows(
 
 
 def quantize_nf(W: Tensor, qc: QuantConfig) -> QuantizedTensor:
-    """NF-b + double quantization of ``W`` (any shape, row-major), algorithms.md §1.3."""
+    """NF-b + double quantization of ``W`` (any shape, row-major), docs/quantization.md."""
     A3, n = _blocks(W, qc.block0, qc.block1)  # (G, B1, B0)
     q1, s2, offset, scales = _double_quantize(_absmax(A3), -(-n // qc.block0), qc)
     codes = torch.empty(A3.shape, dtype=torch.uint8, device=A3.device)
@@ -246,7 +247,7 @@ def dequantize_nf(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Ten
 
 
 def fake_quantize(W: Tensor, qc: QuantConfig) -> Tensor:
-    """Quantize-dequantize ``W`` with ``qc`` (§1.3); same shape, dtype and device as ``W``."""
+    """Quantize-dequantize ``W`` with ``qc``; same shape, dtype and device as ``W``."""
     A3, n = _blocks(W, qc.block0, qc.block1)  # (G, B1, B0)
     *_, scales = _double_quantize(_absmax(A3), -(-n // qc.block0), qc)
     out = torch.empty(A3.shape, dtype=torch.float32, device=A3.device)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,36 @@ def wandb_mode() -> str:
     return "offline"
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertisement for another logging package is not a message about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_logging() -> None:
+    """One line per message: when the root logger has handlers (Hydra's console + train.log),
+    Lightning's own stream handlers would print every INFO line a second time; drop them so its
+    records reach the console once and the run's train.log too. Known-harmless warnings of
+    dependencies (a deprecation inside Lightning, GP jitter) are silenced."""
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            lg = logging.getLogger(name)
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+            lg.propagate = True
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in lg.filters):
+            lg.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=r"A not p\.d\., added jitter")
+
+
 def set_env_defaults() -> None:
     os.environ.setdefault("WANDB_MODE", wandb_mode())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_logging()
 
 
 def git_sha() -> str | None:

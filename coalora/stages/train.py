@@ -125,4 +125,4 @@ def print_summary(results: dict[str, Any]) -> None:
         lines.append(f"  trained configuration: {results['avg_bits']:.3f} average bits")
     for k, v in m.items():
         lines.append(f"  {k:<20} {v:.4f}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))  # console and train.log
