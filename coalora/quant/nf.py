@@ -39,7 +39,9 @@ from torch import Tensor
 from coalora.quant.config import QuantConfig
 
 OFFSET = 0.9677083  # bitsandbytes' NF4 constant (docs/quantization.md)
-S2_EPS = 2.0**-24  # pytorch_quantization's zero-amax threshold (the edge case of an all-equal super-block)
+S2_EPS = (
+    2.0**-24
+)  # pytorch_quantization's zero-amax threshold (the edge case of an all-equal super-block)
 _TINY = torch.finfo(torch.float32).tiny
 
 

@@ -105,8 +105,16 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def is_global_zero() -> bool:
+    """Rank 0 of a (possibly distributed) job: only it writes run metadata (DDP launches the
+    other ranks as copies of this process with RANK / LOCAL_RANK set)."""
+    return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def write_run_info(cfg: DictConfig, run_dir: Path, stage: str, extra: dict | None = None) -> None:
     """Resolved config + seed, git sha, versions, command: every artifact is traceable."""
+    if not is_global_zero():
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     info: dict[str, Any] = {
@@ -148,6 +156,37 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     if not cfg:
         return []
     return [instantiate(v) for v in cfg.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def log_run_to_loggers(trainer, cfg: DictConfig, results: dict[str, Any], run_dir: Path) -> None:
+    """What a dashboard needs to compare runs: the resolved config (every logger), and for W&B
+    the final metrics and facts as the run summary, a results table and the curves plot."""
+    flat = {".".join(k): v for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
+    facts = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and k != "config"}
+    for lg in trainer.loggers:
+        lg.log_hyperparams({**flat, **{f"run.{k}": v for k, v in facts.items()}})
+        if type(lg).__name__ != "WandbLogger":
+            continue
+        import wandb  # only with logger=wandb
+
+        run = lg.experiment
+        run.summary.update({**results["metrics"], **facts})
+        if results.get("eval_avg_bits"):
+            run.summary.update({f"avg_bits@{k}": v for k, v in results["eval_avg_bits"].items()})
+        rows = [[k, float(v)] for k, v in results["metrics"].items()]
+        run.log({"results": wandb.Table(columns=["metric", "value"], data=rows)})
+        curves = run_dir / "curves.png"
+        if curves.is_file():
+            run.log({"plots/curves": wandb.Image(str(curves))})
+
+
+def _flatten(d: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[tuple, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, (*prefix, str(k))))
+    return out
 
 
 def finish_wandb() -> None:

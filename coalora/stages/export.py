@@ -214,10 +214,10 @@ def model_card(run_cfg: DictConfig, config: ModelQuantConfig | None, source: str
     )
 
 
-def _check_target(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
+def _check_target(out_dir: Path, run_dir: Path | None, overwrite: bool) -> None:
     """Never replace what coalora did not write: an existing ``out_dir`` must be an export of
     the same run (its marker file names the run) or ``overwrite=true`` must be given."""
-    if out_dir == run_dir or out_dir in run_dir.parents:
+    if run_dir is not None and (out_dir == run_dir or out_dir in run_dir.parents):
         raise ConfigError(f"out_dir={out_dir} would replace the training run {run_dir}")
     if not out_dir.exists():
         return
@@ -227,7 +227,7 @@ def _check_target(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
         return
     marker = out_dir / MARKER
     try:
-        ours = json.loads(marker.read_text()).get("run_dir") == str(run_dir)
+        ours = run_dir is not None and json.loads(marker.read_text()).get("run_dir") == str(run_dir)
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
@@ -245,7 +245,7 @@ def write_export(
     the old or the new export whole."""
     out_dir = Path(out_dir).resolve()
     run_dir = Path(run_dir).resolve() if run_dir is not None else None
-    _check_target(out_dir, run_dir if run_dir is not None else out_dir, overwrite)
+    _check_target(out_dir, run_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())

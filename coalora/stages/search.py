@@ -73,7 +73,30 @@ def check_checkpoint(cfg: DictConfig, space: QuantSpace) -> Path:
     return run_dir
 
 
+def explicit_groups() -> set[str] | None:
+    """Config groups the user chose on the command line (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def inherit_from_checkpoint(cfg: DictConfig) -> None:
+    """``search.py ckpt=<run>`` searches the run's model and task unless model= / task= are
+    given (then they must match, checked by :func:`check_checkpoint`)."""
+    chosen = explicit_groups()
+    if not cfg.get("ckpt") or chosen is None:
+        return
+    run_cfg = load_run_config(resolve_checkpoint(cfg.ckpt)[0])
+    for key in ("model", "task"):
+        if key not in chosen and run_cfg[key].get("name") != cfg[key].get("name"):
+            log.info("search: %s=%s from ckpt=%s", key, run_cfg[key].name, cfg.ckpt)
+            cfg[key] = run_cfg[key]
+
+
 def check_config(cfg: DictConfig) -> tuple[QuantSpace, SearchSettings]:
+    inherit_from_checkpoint(cfg)
     space = QuantSpace.from_cfg(cfg.quant.space)
     settings = SearchSettings.from_cfg(cfg.search, space)
     if cfg.get("ckpt"):

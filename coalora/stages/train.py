@@ -19,7 +19,12 @@ from coalora.errors import CoaloraError, ConfigError
 from coalora.io import atomic_write_json
 from coalora.report.curves import plot_run_curves
 from coalora.stages.build import build_module, build_trainer, prepare
-from coalora.stages.common import finish_wandb, set_env_defaults, write_run_info
+from coalora.stages.common import (
+    finish_wandb,
+    log_run_to_loggers,
+    set_env_defaults,
+    write_run_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +58,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.final_eval and lit.last_val_step != trainer.global_step:
             trainer.validate(lit, datamodule=dm, verbose=False)
             metrics = dict(lit.last_val)
+        results = {
+            **method.describe(),
+            "model": cfg.model.name,
+            "task": cfg.task.name,
+            "seed": cfg.seed,
+            "global_step": trainer.global_step,
+            "setup_seconds": round(setup_s, 2),
+            "fit_seconds": round(fit_s, 2),
+            "seconds_per_step": round(fit_s / max(1, trainer.global_step), 4),
+            "trainable_parameters": n_train,
+            "metrics": metrics,
+            "config": OmegaConf.to_container(cfg.method, resolve=True),
+        }
+        if trainer.is_global_zero:
+            atomic_write_json(run_dir / "results.json", results)
+            plot_run_curves(run_dir)
+            log_run_to_loggers(trainer, cfg, results, run_dir)
+            print_summary(results)
     finally:
         finish_wandb()
-    results = {
-        **method.describe(),
-        "model": cfg.model.name,
-        "task": cfg.task.name,
-        "seed": cfg.seed,
-        "global_step": trainer.global_step,
-        "setup_seconds": round(setup_s, 2),
-        "fit_seconds": round(fit_s, 2),
-        "seconds_per_step": round(fit_s / max(1, trainer.global_step), 4),
-        "trainable_parameters": n_train,
-        "metrics": metrics,
-        "config": OmegaConf.to_container(cfg.method, resolve=True),
-    }
-    if trainer.is_global_zero:
-        atomic_write_json(run_dir / "results.json", results)
-        plot_run_curves(run_dir)
-        print_summary(results)
     return results
 
 

@@ -127,3 +127,28 @@ def test_multirun_with_joblib_runs_both_jobs(tmp_path):
         for i in (0, 1)
     )
     assert steps == [2, 3]
+
+
+def test_wandb_offline_run_carries_config_table_and_plot(tmp_path):
+    """``logger=wandb`` (offline): the resolved config, the per-budget average bits and final
+    metrics, a results table and the curves plot are in the run's W&B record."""
+    r = run_entry(
+        "train.py",
+        ["model=tiny_bert", f"paths.data_dir={FIXTURES}", "data.allow_hub=false",
+         "method=coalora", "method.pool.start=3.0", "method.pool.stop=4.0",
+         "method.pool.step=0.5", "trainer.max_steps=4", "trainer.val_check_interval=2",
+         "data.batch_size=8", "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path / "cache",
+        extra_env={"WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    record = next(offline.glob("*.wandb")).read_bytes()
+    for key in (b"optim.lr", b"method.name", b"quant.space.bits", b"avg_bits@3", b"val/acc@mean"):
+        assert key in record, key
+    media = offline / "files" / "media"
+    table = json.loads(next((media / "table").glob("results_*.table.json")).read_text())
+    assert table["columns"] == ["metric", "value"] and any(
+        "val/acc@" in row[0] for row in table["data"]
+    )
+    assert list((media / "images" / "plots").glob("curves_*.png"))
