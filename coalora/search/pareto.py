@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from botorch.utils.multi_objective.box_decompositions.dominated import DominatedPartitioning
-from botorch.utils.multi_objective.pareto import is_non_dominated
 from torch import Tensor
 
 from coalora.errors import ConfigError
@@ -43,6 +41,9 @@ def non_dominated_mask(Y: Tensor | Sequence) -> Tensor:
     ``a`` dominates ``b`` when a <= b everywhere and a < b somewhere, so duplicates are all kept.
     """
     Y = _as_2d(Y)  # (n, m)
+    # botorch loads on first use: training reads configsets without the search stack
+    from botorch.utils.multi_objective.pareto import is_non_dominated
+
     return is_non_dominated(Y, maximize=False, deduplicate=False)
 
 
@@ -126,6 +127,9 @@ def hypervolume_2d(points: Tensor | Sequence, ref: Tensor | Sequence[float]) -> 
     P = P[(P < ref).all(1)]
     if P.shape[0] == 0:
         return 0.0
+    # botorch loads on first use: training reads configsets without the search stack
+    from botorch.utils.multi_objective.box_decompositions.dominated import DominatedPartitioning
+
     return float(DominatedPartitioning(ref_point=-ref, Y=-P).compute_hypervolume())
 
 
