@@ -8,11 +8,15 @@ affordable); grouping similar lengths into a batch reduces padding further.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Sampler
+
+from coalora.errors import ConfigError
 
 ENCODE_CHUNK = 4096  # rows tokenized per tokenizer call
 
@@ -242,3 +246,35 @@ class LengthSortedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.order)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """What every task's data module shares: the validated task config, tokenizer, data folder,
+    batch sizes, seed and whether the hub may be used."""
+
+    def __init__(
+        self,
+        task: DictConfig,
+        tokenizer,
+        data_dir: str | None,
+        batch_size: int,
+        eval_batch_size: int,
+        num_workers: int,
+        seed: int,
+        allow_hub: bool,
+        validate: Callable[[DictConfig], object],
+    ) -> None:
+        super().__init__()
+        task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
+        validate(task)
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if int(value) < 1:
+                raise ConfigError(f"data.{key}={value} must be >= 1")
+        self.task = task
+        self.tokenizer = tokenizer
+        self.data_dir = None if data_dir in (None, "") else str(data_dir)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.allow_hub = bool(allow_hub)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import logging
 
-import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from coalora.data.batching import (
@@ -25,6 +24,7 @@ from coalora.data.batching import (
     LengthGroupedSampler,
     LengthSortedSampler,
     SeededShuffleSampler,
+    TaskDataModule,
     encode_split,
 )
 from coalora.data.glue_tsv import (
@@ -71,7 +71,7 @@ def to_task_units(pred, task: DictConfig):
     return pred * scale + shift
 
 
-class GlueDataModule(L.LightningDataModule):
+class GlueDataModule(TaskDataModule):
     """One GLUE task: tokenized train/validation splits, seeded loaders, calibration batches.
 
     Batches: ``input_ids`` and ``attention_mask`` (B, T) long, ``token_type_ids`` (B, T) when the
@@ -93,25 +93,15 @@ class GlueDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
     ):
-        super().__init__()
-        task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
-        validate_task(task)
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"{key}={value} must be >= 1")
-        self.task = task
-        self.tokenizer = tokenizer
-        self.data_dir = None if data_dir in (None, "") else str(data_dir)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size)
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
+        super().__init__(
+            task, tokenizer, data_dir, batch_size, eval_batch_size, num_workers, seed, allow_hub,
+            validate_task,
+        )  # fmt: skip
         self.group_by_length = bool(group_by_length)
-        self.allow_hub = bool(allow_hub)
         # the constructor's limits win over task.max_*_samples (evaluate.py's eval.max_eval_samples)
         self.limits = {
-            TRAIN: task_get(task, "max_train_samples"),
-            VALIDATION: task_get(task, "max_eval_samples"),
+            TRAIN: task_get(self.task, "max_train_samples"),
+            VALIDATION: task_get(self.task, "max_eval_samples"),
         }
         for split, key, value in (
             (TRAIN, "max_train_samples", max_train_samples),

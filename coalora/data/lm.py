@@ -27,12 +27,11 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from coalora.data.batching import SeededShuffleSampler
+from coalora.data.batching import SeededShuffleSampler, TaskDataModule
 from coalora.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ def collate_blocks(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- data module
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(TaskDataModule):
     """A causal-LM corpus as packed token blocks: seeded training order, fixed evaluation blocks,
     and calibration batches with the same contract as ``GlueDataModule``."""
 
@@ -178,21 +177,11 @@ class LMDataModule(L.LightningDataModule):
         seed: int = 0,
         allow_hub: bool = True,
     ):
-        super().__init__()
-        task = task if isinstance(task, DictConfig) else OmegaConf.create(task)
-        validate_lm_task(task)
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise ConfigError(f"data.{key}={value} must be >= 1")
-        self.task = task
-        self.tokenizer = tokenizer
-        self.data_dir = None if data_dir in (None, "") else str(data_dir)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size)
-        self.num_workers = int(num_workers)
-        self.seed = int(seed)
-        self.allow_hub = bool(allow_hub)
-        self.block_length = int(task.block_length)
+        super().__init__(
+            task, tokenizer, data_dir, batch_size, eval_batch_size, num_workers, seed, allow_hub,
+            validate_lm_task,
+        )  # fmt: skip
+        self.block_length = int(self.task.block_length)
         self.blocks: dict[str, TokenBlocks] = {}
         self.sources: dict[str, str] = {}  # split -> "local:<file>" | "hub:<id>/<config>/<split>"
 

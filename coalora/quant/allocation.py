@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ from coalora.quant.error_table import (  # re-exported: allocation is where call
     table_path,
     weights_fingerprint,
 )
+
+log = logging.getLogger(__name__)
 
 SOLVERS = ("milp", "lagrangian")
 # Bumped when the solver's settings change what it returns: cached allocations of an older
@@ -398,10 +402,13 @@ def cached_allocations(
     solver: str = "milp",
 ) -> dict[float, ModelQuantConfig]:
     """:func:`cached_allocation` for each budget (budget -> configuration, in order)."""
-    return {
-        float(b): cached_allocation(table, b, space, cache_dir, model_name, solver)[0]
-        for b in budgets
-    }
+    out: dict[float, ModelQuantConfig] = {}
+    t0 = time.perf_counter()
+    for i, b in enumerate(budgets):
+        out[float(b)] = cached_allocation(table, b, space, cache_dir, model_name, solver)[0]
+        if len(budgets) > 4 and (i + 1) % 10 == 0:  # pools: a line per 10 allocations
+            log.info("allocations: %d/%d (%.0fs)", i + 1, len(budgets), time.perf_counter() - t0)
+    return out
 
 
 __all__ = [

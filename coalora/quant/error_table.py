@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,14 @@ def _one_thread():
 
 def _error_rows(weights, options, fisher, residual_fn) -> Tensor:
     rows = []
-    for name, W in weights.items():
+    n, t0, next_report = len(weights), time.perf_counter(), 0.0
+    log.info("error table: %d layers x %d options ...", n, len(options))
+    for i, (name, W) in enumerate(weights.items()):
+        elapsed = time.perf_counter() - t0
+        if i and elapsed >= next_report:  # a line every ~10 s of work, also in train.log
+            eta = elapsed / i * (n - i)
+            log.info("error table: %d/%d layers (%.0fs, ETA %.0fs)", i, n, elapsed, eta)
+            next_report = elapsed + 10.0
         F = None
         if fisher is not None:
             if name not in fisher:
@@ -229,6 +237,7 @@ def _error_rows(weights, options, fisher, residual_fn) -> Tensor:
             err = (Wf - residual_fn(Wf, qc).to(torch.float32)).square()
             row[k] = (err if F is None else err * F).sum(dtype=torch.float64)
         rows.append(row)
+    log.info("error table: %d layers done in %.1fs", n, time.perf_counter() - t0)
     return torch.stack(rows)  # (N, K)
 
 

@@ -126,20 +126,9 @@ def build_backbone(cfg: DictConfig):
 
 
 def build_datamodule(cfg: DictConfig, tokenizer):
-    if task_kind(cfg.task) == "causal_lm":
-        dm = LMDataModule(
-            task=cfg.task,
-            tokenizer=tokenizer,
-            data_dir=cfg.paths.data_dir,
-            batch_size=cfg.data.batch_size,
-            eval_batch_size=cfg.data.eval_batch_size,
-            num_workers=cfg.data.num_workers,
-            seed=cfg.seed,
-            allow_hub=cfg.data.allow_hub,
-        )
-        dm.setup("fit")
-        return dm
-    dm = GlueDataModule(
+    """GLUE TSV/hub data, or packed token blocks for ``task.kind=causal_lm``; set up at once so
+    missing data fails early with one clear line."""
+    common = dict(
         task=cfg.task,
         tokenizer=tokenizer,
         data_dir=cfg.paths.data_dir,
@@ -147,10 +136,13 @@ def build_datamodule(cfg: DictConfig, tokenizer):
         eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
-        group_by_length=cfg.data.group_by_length,
         allow_hub=cfg.data.allow_hub,
     )
-    dm.setup("fit")  # fails early (one clear line) when the task's data cannot be found
+    if task_kind(cfg.task) == "causal_lm":
+        dm = LMDataModule(**common)
+    else:
+        dm = GlueDataModule(**common, group_by_length=cfg.data.group_by_length)
+    dm.setup("fit")
     return dm
 
 

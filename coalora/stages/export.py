@@ -118,6 +118,33 @@ def effective_linear(module: nn.Module, in_features: int) -> tuple[torch.Tensor,
     return (eye - zero).T.contiguous(), zero[0].clone()
 
 
+def class_names(task: DictConfig) -> list[str] | None:
+    names = task.get("class_names") or task.get("label_names")
+    return [str(n) for n in names] if names else None
+
+
+@torch.no_grad()
+def fold_label_affine(model: nn.Module, task: DictConfig, head: list[str]) -> None:
+    """A regression task trained on standardised targets (``task.label_shift/label_scale``)
+    exports a head that outputs the task's own scores: the last head linear becomes
+    ``scale · (W x + b) + shift``."""
+    if not task.get("is_regression"):
+        return
+    shift, scale = float(task.get("label_shift", 0.0)), float(task.get("label_scale", 1.0))
+    if shift == 0.0 and scale == 1.0:
+        return
+    linears = [
+        m for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(part in head for part in n.split("."))
+    ]  # fmt: skip
+    if not linears:
+        raise ConfigError(f"export: no head linear among {head} to fold task.label_scale into")
+    last = linears[-1]
+    last.weight.mul_(scale)
+    if last.bias is not None:
+        last.bias.mul_(scale).add_(shift)
+
+
 def merged_model(lit, run_cfg: DictConfig) -> nn.Module:
     """A fresh ``transformers`` model whose target linears hold the adapted model's effective
     weights and whose other parameters (head included) are copied from it."""
@@ -139,6 +166,10 @@ def merged_model(lit, run_cfg: DictConfig) -> nn.Module:
             linear.weight.copy_(weight)
             if linear.bias is not None:
                 linear.bias.copy_(bias)
+    names = class_names(run_cfg.task)
+    if names and task_kind(run_cfg.task) != "causal_lm":
+        fresh.config.id2label = dict(enumerate(names))
+        fresh.config.label2id = {n: i for i, n in enumerate(names)}
     return fresh.eval()
 
 
@@ -330,6 +361,8 @@ def run(cfg: DictConfig) -> Path:
     config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
     method = lit.method
     method.adapt(lit.model, config)
+    head_names = list(run_cfg.model.get("head_modules", ["classifier", "score"]))
+    fold_label_affine(lit.model, run_cfg.task, head_names)
     if not method.switches_configs:
         source = "the trained configuration"
     elif cfg.quant.mode == "budget":
@@ -344,6 +377,9 @@ def run(cfg: DictConfig) -> Path:
         files["adapter_config.json"] = adapter_config(run_cfg, method.names, head)
         files["adapter_model.safetensors"] = peft_state(lit.model, method.names, head)
         files["README.md"] = model_card(run_cfg, config, source)
+        from coalora.models import build_tokenizer
+
+        files["tokenizer"] = build_tokenizer(run_cfg.model)  # the adapter's inputs, beside it
     else:
         from coalora.models import build_tokenizer
 

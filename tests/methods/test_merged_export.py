@@ -91,3 +91,21 @@ def test_formats_and_fixed_configurations_fail_clearly(built):
     ask.quant.budget = 8.0
     with pytest.raises(ConfigError, match="trained on one configuration"):
         export_configuration(ask, cfg, lit)
+
+
+def test_regression_head_exports_task_units_and_classes_get_names():
+    from coalora.stages.export import class_names, fold_label_affine
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Linear(4, 4))
+    model.add_module("classifier", torch.nn.Linear(4, 1))
+    x = torch.randn(3, 4)
+    before = model(x)
+    task = OmegaConf.create({"is_regression": True, "label_shift": 2.7, "label_scale": 1.5})
+    fold_label_affine(model, task, ["classifier"])
+    torch.testing.assert_close(model(x), before * 1.5 + 2.7)  # standardised -> task scores
+    assert class_names(OmegaConf.create({"class_names": ["negative", "positive"]})) == [
+        "negative",
+        "positive",
+    ]

@@ -57,13 +57,14 @@ def test_export_writes_a_peft_adapter(coalora_run):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == [
+    assert {
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "coalora_export.json",
         "quant_config.json",
-    ]
+        "tokenizer_config.json",  # the tokenizer lives beside the adapter
+    } <= set(names), names
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     bits = json.loads((coalora_run / "export" / "export.json").read_text())["avg_bits"]
     assert bits <= 3.5
