@@ -34,11 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from coalora.io import atomic_write_json  # noqa: E402
-from coalora.quant import (  # noqa: E402
+from coalora.io import atomic_write_json
+from coalora.quant import (
     NF3,
     NF4,
     DequantCache,
@@ -56,12 +53,14 @@ from coalora.quant import (  # noqa: E402
     resident_weight_bytes,
     set_model_config,
 )
-from coalora.report.bench import emit_markdown, header_lines  # noqa: E402
+from coalora.report.bench import emit_markdown, header_lines
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 PARTS = ("bytes", "speed", "switch", "layers", "rss", "deploy")
 RSS_VARIANTS = ("fp", "dequantized", "packed", "dequantized_multi", "packed_multi")
 OUT = ROOT / "docs" / "results"
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_minilm():

@@ -100,6 +100,8 @@ class GlueCollator:
 
     Output: ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long, ``token_type_ids`` (B, T)
     when the tokenizer produces them, ``labels`` (B,) long or float (regression).
+    Hand-written rather than ``DataCollatorWithPadding``: items are int32 numpy slices of one flat
+    array, which that collator would first round-trip through the tokenizer's ``pad`` per batch.
     """
 
     def __init__(

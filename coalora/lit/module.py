@@ -81,6 +81,8 @@ class FinetuneModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         o = self.optim
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        # a LambdaLR rather than transformers.get_scheduler: its warmup starts at lr/warm on step 0
+        # (get_scheduler's at 0), which every published number here was trained with
         total = self.trainer.estimated_stepping_batches
         warm = int(o.warmup_ratio * total) if o.warmup_steps is None else int(o.warmup_steps)
 
