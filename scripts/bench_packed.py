@@ -55,12 +55,11 @@ from coalora.quant import (
 )
 from coalora.report.bench import emit_markdown, header_lines
 
+ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 PARTS = ("bytes", "speed", "switch", "layers", "rss", "deploy")
 RSS_VARIANTS = ("fp", "dequantized", "packed", "dequantized_multi", "packed_multi")
 OUT = ROOT / "docs" / "results"
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_minilm():
