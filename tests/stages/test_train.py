@@ -152,3 +152,20 @@ def test_wandb_offline_run_carries_config_table_and_plot(tmp_path):
         "val/acc@" in row[0] for row in table["data"]
     )
     assert list((media / "images" / "plots").glob("curves_*.png"))
+
+
+def test_only_global_rank_zero_writes_run_metadata(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from coalora.stages.common import write_run_info
+
+    cfg = OmegaConf.create({"seed": 1})
+    monkeypatch.setenv("RANK", "1")
+    write_run_info(cfg, tmp_path / "r1", "train")
+    assert not (tmp_path / "r1").exists()  # rank 1 of a DDP job leaves rank 0's files alone
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    write_run_info(cfg, tmp_path / "r0", "train")
+    assert (tmp_path / "r0" / "config.yaml").is_file() and (
+        tmp_path / "r0" / "run_info.json"
+    ).is_file()
