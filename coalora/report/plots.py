@@ -66,13 +66,7 @@ def plot_metric_vs_bits(
             )
         ax.set_ylabel(key)
     ax.set_xlabel("average bits")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_time_vs_configs(
@@ -87,6 +81,11 @@ def plot_time_vs_configs(
         ax.plot(ns, [s / 60.0 for s in secs], style, marker=".", label=name)
     ax.set_xlabel("number of quantization configurations served")
     ax.set_ylabel("training time (minutes, measured fit time)")
+    return _finish(fig, ax, path)
+
+
+def _finish(fig, ax, path: str | Path) -> Path:
+    """Grid, legend, layout; write the PNG atomically and free the figure."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

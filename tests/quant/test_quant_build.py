@@ -10,21 +10,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from coalora.quant import NF4, ModelQuantConfig, QuantConfig, build_cache, build_model_config
+from coalora.quant.build import KEYS as QUANT_KEYS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-KEYS = {
-    "mode",
-    "space",
-    "config",
-    "budget",
-    "file",
-    "solver",
-    "fisher",
-    "fisher_examples",
-    "cache_limit_mb",
-    "table_cache",
-    "storage",
-}
+KEYS = set(QUANT_KEYS)  # every option composes to exactly the keys QuantSettings accepts
 
 
 def load(name: str, **overrides):
