@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from coalora.data.metrics import build_metrics, update_metrics
 from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json
+from coalora.models import build_tokenizer, task_kind
 from coalora.quant import ModelQuantConfig, QuantSpace
 from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
@@ -64,6 +65,23 @@ def score(lit, loader, task, predictions: list | None = None) -> dict[str, float
         if predictions is not None:
             predictions.extend(records)
     return {k: float(v) for k, v in metrics.compute().items()}
+
+
+def zero_shot_scores(model, tokenizer, cfg: DictConfig) -> dict[str, float]:
+    """lm-eval's metrics for the model as configured now, keyed ``<task>/<metric>``."""
+    from coalora.zeroshot import run_lm_eval
+
+    e = cfg.eval
+    out = run_lm_eval(
+        model, tokenizer, list(e.lm_eval_tasks), include=list(e.lm_eval_include or []),
+        batch_size=int(e.lm_eval_batch_size), limit=e.get("lm_eval_limit"), seed=int(e.seed),
+    )  # fmt: skip
+    return {
+        f"{task}/{k}": float(v)
+        for task, metrics in out.items()
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def write_predictions(path: Path, order: list[int], columns: dict[str, list]) -> None:
@@ -112,6 +130,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             run_cfg.model.name,
             quant.solver,
         )
+    zero_shot = list(cfg.eval.get("lm_eval_tasks") or [])
+    tokenizer = None
+    if zero_shot:
+        if task_kind(run_cfg.task) != "causal_lm":
+            raise ConfigError(
+                f"eval.lm_eval_tasks needs a decoder run; ckpt={cfg.ckpt} is "
+                f"task={run_cfg.task.name} on model={run_cfg.model.name}"
+            )
+        from coalora.zeroshot import require_lm_eval
+
+        require_lm_eval()  # one line when lm-eval is not installed, before any scoring
+        tokenizer = build_tokenizer(run_cfg.model)
     rng = random.Random(cfg.eval.seed)
     rows = []
     keep = bool(cfg.eval.get("save_predictions", False))
@@ -140,6 +170,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     else None
                 )
                 m = score(lit, loader, run_cfg.task, preds)
+                if zero_shot and kind == "allocation":
+                    m.update(zero_shot_scores(lit.model, tokenizer, cfg))
             rows.append(
                 {
                     "budget": budget,

@@ -86,11 +86,15 @@ def test_coalora_decoder_evaluate_and_peft_export(cache, tmp_path):
     cfg = compose_lm(["method=coalora", *POOL, "trainer.max_steps=3"], cache, tmp_path)
     train_run(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    r = run_entry("evaluate.py", [f"ckpt={run_dir}", "eval.budgets=[3.0]",
+    zs = ["eval.lm_eval_tasks=[coalora_sci_mc]", f"eval.lm_eval_include=[{FIX / 'lm_eval'}]",
+          "eval.lm_eval_batch_size=4"]  # fmt: skip
+    r = run_entry("evaluate.py", [f"ckpt={run_dir}", "eval.budgets=[3.0]", *zs,
                   "eval.random_per_budget=1", f"hydra.run.dir={tmp_path / 'eval'}"], cache)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert rows and all(row["ppl"] > 1 for row in rows)
+    zero_shot = [row for row in rows if row["kind"] == "allocation"]
+    assert zero_shot and 0.0 <= zero_shot[0]["coalora_sci_mc/acc"] <= 1.0  # lm-eval, local task
     out = tmp_path / "adapter"
     r = run_entry("export.py", [f"ckpt={run_dir}", "quant.budget=3.0", f"out_dir={out}",
                   f"hydra.run.dir={tmp_path / 'exp'}"], cache)  # fmt: skip
