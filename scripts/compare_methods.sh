@@ -9,6 +9,7 @@
 #   ARGS="model=tiny_llama task=wikitext2" scripts/compare_methods.sh
 #
 # Env: BUDGETS [2.5,3.0,3.5,4.0]  SEED [42]  OUT [outputs/compare_methods/<date>]  PY [.venv/bin/python]
+#      ARGS (every run)  MULTI_ARGS (Shared-LoRA and CoA-LoRA only, e.g. method.pool.step=0.5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,6 +17,7 @@ BUDGETS=${BUDGETS:-2.5,3.0,3.5,4.0}
 SEED=${SEED:-42}
 OUT=${OUT:-outputs/compare_methods/$(date +%Y-%m-%d_%H-%M-%S)}
 read -r -a EXTRA <<< "${ARGS:-}"
+read -r -a MULTI <<< "${MULTI_ARGS:-}"
 if [[ -n "${QUICK:-}" ]]; then EXTRA+=(experiment=quick); fi
 runs=()
 train() {  # name, overrides...
@@ -29,8 +31,8 @@ for b in ${BUDGETS//,/ }; do
     train "${m}_b$b" method=$m quant=budget quant.budget="$b"
   done
 done
-train shared_lora method=shared_lora "method.eval_budgets=[$BUDGETS]"
-train coalora method=coalora "method.eval_budgets=[$BUDGETS]"
+train shared_lora method=shared_lora "method.eval_budgets=[$BUDGETS]" "${MULTI[@]}"
+train coalora method=coalora "method.eval_budgets=[$BUDGETS]" "${MULTI[@]}"
 list=$(IFS=,; echo "${runs[*]}")
 "$PY" scripts/compare.py "runs=[$list]" out="$OUT/compare"
 echo "comparison: $OUT/compare"

@@ -129,32 +129,36 @@ def test_mapper_stats_reports_a_near_identity_mixing_after_three_steps(coalora_r
 
 
 def test_export_never_deletes_what_it_did_not_write(coalora_run):
-    """An existing folder that is not this run's export is refused (exit 2, one line), the run
-    directory itself can never be the target, and re-exporting into our own export replaces it."""
+    """An existing folder that is not this run's export is refused (one line, nothing touched),
+    the run directory can never be the target, and re-exporting into our own export replaces it
+    atomically."""
+    from coalora.errors import ConfigError
+    from coalora.stages.export import write_export
+
+    run = (coalora_run / "run").resolve()
     stranger = coalora_run / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    base = [f"ckpt={coalora_run / 'run'}", "quant.budget=3.5"]
-    r = cli("export.py", [*base, f"out_dir={stranger}", f"hydra.run.dir={coalora_run / 'e1'}"],
-            coalora_run / "cache")  # fmt: skip
-    assert r.returncode == 2 and "overwrite=true" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        write_export(stranger, {"a.json": {}}, run_dir=run)
     assert (stranger / "notes.txt").read_text() == "mine"
-    r = cli("export.py", [*base, f"out_dir={coalora_run / 'run'}",
-            f"hydra.run.dir={coalora_run / 'e2'}"], coalora_run / "cache")  # fmt: skip
-    assert r.returncode == 2 and "training run" in r.stderr
-    assert (coalora_run / "run" / "checkpoints" / "last.ckpt").is_file()
+    with pytest.raises(ConfigError, match="would replace the training run"):
+        write_export(run, {"a.json": {}}, run_dir=run, overwrite=True)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
     afile = coalora_run / "a_file"
     afile.write_text("x")
-    r = cli("export.py", [*base, f"out_dir={afile}", f"hydra.run.dir={coalora_run / 'e3'}"],
-            coalora_run / "cache")  # fmt: skip
-    assert r.returncode == 2 and "existing file" in r.stderr and afile.read_text() == "x"
+    with pytest.raises(ConfigError, match="existing file"):
+        write_export(afile, {"a.json": {}}, run_dir=run)
+    assert afile.read_text() == "x"
     ours = coalora_run / "ours"
-    for i in range(2):  # the second export replaces the first (same run)
-        r = cli("export.py", [*base, f"out_dir={ours}", f"hydra.run.dir={coalora_run / f'o{i}'}"],
-                coalora_run / "cache")  # fmt: skip
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert (ours / "adapter_model.safetensors").is_file()
+    write_export(ours, {"first.json": {}}, run_dir=run)
+    write_export(ours, {"second.json": {}}, run_dir=run)  # same run: replaced
+    assert (ours / "second.json").is_file() and not (ours / "first.json").exists()
     assert not [p for p in coalora_run.iterdir() if p.name.startswith(".ours")]
+    # the CLI says it in one line and exits 2
+    r = cli("export.py", [f"ckpt={run}", "quant.budget=3.5", f"out_dir={stranger}",
+            f"hydra.run.dir={coalora_run / 'e1'}"], coalora_run / "cache")  # fmt: skip
+    assert r.returncode == 2 and "overwrite=true" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_new_run_refuses_another_runs_directory(coalora_run):

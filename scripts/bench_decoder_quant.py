@@ -1,0 +1,100 @@
+"""Row (a) of the decoder comparison: the quantized base with no adapter, on SmolLM2-135M.
+
+For each budget, the data-free allocation (the configuration every method is scored on) is
+applied to the frozen base and WikiText-2 perplexity is measured over the task's fixed evaluation
+blocks; full precision is the reference. Also times the error-table build (once per model and
+space; cached under ``paths.cache_dir``) and writes the compact results as JSON.
+
+    COALORA_CACHE_DIR=<cache with the converted model> python scripts/bench_decoder_quant.py \
+        --out docs/results/decoder_quantized_base.json
+
+Numbers go into docs/decoder_lms.md with the command, date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from coalora.data.metrics import block_nll, bootstrap_perplexity, perplexity
+from coalora.io import atomic_write_json
+from coalora.models import build_tokenizer
+from coalora.quant import QuantSpace, model_weights, quantize_model
+from coalora.quant.build import QuantSettings, allocations
+from coalora.report.bench import header_lines
+from coalora.stages.build import build_backbone, build_datamodule, method_context
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def eval_ppl(model, loader) -> tuple[float, list[float], list[int]]:
+    nll, tokens = [], []
+    for batch in loader:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        n, t = block_nll(out.logits, batch["labels"], batch["attention_mask"])
+        nll += n.tolist()
+        tokens += t.tolist()
+    return perplexity(torch.tensor(nll), torch.tensor(tokens)), nll, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    data_dir = os.environ.get("COALORA_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"model={args.model}", "task=wikitext2", "method=qlora", "quant=none",
+                       f"paths.data_dir={data_dir}", "data.eval_batch_size=4"],
+        )  # fmt: skip
+    cfg.paths.output_dir = "/tmp/coalora-bench-decoder-quant"
+    model = build_backbone(cfg).eval()
+    dm = build_datamodule(cfg, build_tokenizer(cfg.model))
+    loader = dm.val_dataloader()
+    ctx = method_context(cfg, model, QuantSettings.from_cfg(cfg.quant), dm)
+    weights = model_weights(model, ctx.names)
+    t0 = time.perf_counter()
+    allocs = allocations(
+        weights, args.budgets, QuantSpace(), Path(cfg.paths.cache_dir), cfg.model.name
+    )
+    table_s = time.perf_counter() - t0
+    rows = []
+    ppl, nll, tokens = eval_ppl(model, loader)
+    lo, hi = bootstrap_perplexity(torch.tensor(nll), torch.tensor(tokens))
+    rows.append({"config": "full precision", "avg_bits": 32.0, "ppl": ppl, "ci95": [lo, hi]})
+    print(f"full precision: ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]", flush=True)
+    quantize_model(model, ctx.names, None)
+    for b, config in allocs.items():
+        quantize_model(model, ctx.names, config)
+        ppl, nll, tokens = eval_ppl(model, loader)
+        lo, hi = bootstrap_perplexity(torch.tensor(nll), torch.tensor(tokens))
+        rows.append({"config": f"allocation@{b:g}", "avg_bits": config.average_bits(),
+                     "ppl": ppl, "ci95": [lo, hi]})  # fmt: skip
+        print(f"{b:g} bits ({config.average_bits():.3f}): ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]")
+    result = {
+        "header": header_lines("Quantized SmolLM2 base, no adapter"),
+        "model": cfg.model.name,
+        "task": "wikitext2 (eval split test)",
+        "eval_blocks": int(cfg.task.eval_blocks),
+        "block_length": int(cfg.task.block_length),
+        "target_layers": len(ctx.names),
+        "table_and_allocations_seconds": round(table_s, 1),
+        "rows": rows,
+    }
+    if args.out:
+        atomic_write_json(Path(args.out), result)
+    print(json.dumps({k: v for k, v in result.items() if k != "header"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
