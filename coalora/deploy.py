@@ -38,9 +38,9 @@ from torch import Tensor, nn
 from coalora.errors import CoaloraError
 from coalora.quant.config import ModelQuantConfig, QuantConfig
 from coalora.quant.linear import DequantCache, QuantLinear
-from coalora.quant.nf import quantize_nf
+from coalora.quant.nf import _dequant_scales, nf_codebook, quantize_nf
 from coalora.quant.packed import dequantize_packed
-from coalora.quant.packing import PackedTensor, pack_quantized
+from coalora.quant.packing import PackedTensor, pack_quantized, unpack_bits
 
 FORMAT = "coalora-packed"
 VERSION = 1
@@ -427,9 +427,6 @@ def bnb_linear4bit(p: PackedTensor, bias: Tensor | None, compute_dtype=torch.flo
     """
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
-
-    from coalora.quant.nf import _dequant_scales, nf_codebook
-    from coalora.quant.packing import unpack_bits
 
     qc, n = p.qc, p.numel
     if qc.bits != 4 or qc.block0 != 64 or n % 64 or len(p.shape) != 2:

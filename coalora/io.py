@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coalora.errors import CoaloraError, StorageError
+from coalora.errors import CoaloraError, ConfigError, StorageError
 
 # errno values that mean "this location cannot take the write", with a short cause for the message
 _STORAGE_ERRNOS = {
@@ -206,7 +206,6 @@ def replace_dir_atomically(
 
 def read_json(path: str | Path, what: str = "file") -> Any:
     """Parse a JSON file; a missing file or malformed JSON is a ConfigError naming the file."""
-    from coalora.errors import ConfigError
 
     path = Path(path)
     try:

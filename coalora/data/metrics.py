@@ -38,6 +38,7 @@ from torchmetrics.classification import (
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from coalora.data.task import metric_keys, primary_metric_key, validate_task
+from coalora.errors import ConfigError
 
 __all__ = [
     "BlockNLL",
@@ -63,7 +64,6 @@ def is_causal_lm(task: DictConfig) -> bool:
 def higher_is_better(task: DictConfig) -> bool:
     """The direction of the task's primary metric: ``task.higher_is_better`` when declared,
     else ``task.mode == "max"``. Both declared and disagreeing is a ConfigError."""
-    from coalora.errors import ConfigError
 
     mode = task.get("mode")
     by_mode = None if mode is None else str(mode) == "max"
@@ -259,7 +259,6 @@ class BlockNLL(Metric):
 
 def lm_metric_keys(task: DictConfig) -> list[str]:
     """Keys logged for a causal-LM task (``task.metrics``, default ``[ppl, nll]``); first = primary."""
-    from coalora.errors import ConfigError
 
     keys = [str(k) for k in (task.get("metrics") or LM_METRIC_KEYS)]
     bad = [k for k in keys if k not in LM_METRIC_KEYS]

@@ -22,6 +22,8 @@ from typing import Any, TextIO
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
+from coalora.errors import ConfigError
+
 log = logging.getLogger("coalora.progress")
 
 
@@ -176,8 +178,6 @@ def progress_bar(
     ``line_mode``: ``auto`` (decide from ``stream``, default stdout), ``always`` or ``never``.
     """
     if line_mode not in ("auto", "always", "never"):
-        from coalora.errors import ConfigError
-
         raise ConfigError(
             f"callbacks.progress_bar.line_mode={line_mode!r} is not allowed; "
             "allowed: ['auto', 'always', 'never']"

@@ -22,7 +22,13 @@ from torch import Tensor, nn
 
 from coalora.adapters import LoRALinear, inject
 from coalora.errors import ConfigError
-from coalora.quant import ModelQuantConfig, QuantSettings, quantize_model
+from coalora.quant import (
+    ModelQuantConfig,
+    QuantSettings,
+    fisher_diagonal,
+    model_weights,
+    quantize_model,
+)
 
 Batch = dict[str, Tensor]
 
@@ -65,7 +71,6 @@ def settings_from_cfg(cls: type, cfg: Any, prefix: str):
 def calibration_fisher(model: nn.Module, ctx: MethodContext, n_examples: int) -> dict[str, Tensor]:
     """Diagonal empirical Fisher of the target weights from ``n_examples`` single-example
     training batches (LQ-LoRA, arXiv 2311.12023 §3.4; the task loss with the fresh head)."""
-    from coalora.quant import fisher_diagonal
 
     batches = ctx.calibration_batches(n_examples, seed=ctx.seed, batch_size=1)
     return fisher_diagonal(model, ctx.names, batches, lambda m, b: m(**b).loss)
@@ -134,11 +139,10 @@ class Method:
         if q.mode == "none":
             return
         if q.mode == "bnb_nf4":
-            from coalora.quant.bnb import replace_with_bnb_nf4
+            from coalora.quant.bnb import replace_with_bnb_nf4  # bitsandbytes: only for bnb_nf4
 
             replace_with_bnb_nf4(model, self.names)
             return
-        from coalora.quant import model_weights
 
         weights = model_weights(model, self.names)
         fisher = calibration_fisher(model, ctx, q.fisher_examples) if q.needs_fisher else None

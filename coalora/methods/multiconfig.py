@@ -26,6 +26,7 @@ from coalora.methods.base import Batch, Method, MethodContext
 from coalora.quant import ModelQuantConfig, QuantSettings, quantize_model, set_model_config
 from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
+from coalora.search.configset import ConfigSet
 from coalora.search.pool import PoolGrid, initial_pool
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ class MultiConfigMethod(Method):
 
     def _training_set(self, weights, ctx: MethodContext) -> list[ModelQuantConfig]:
         if self.cfg.get("configset"):
-            from coalora.search.configset import ConfigSet
-
             cs = ConfigSet.load(self.cfg.configset, expected_names=self.names, space=self.space)
             wrong = {
                 n: (cs.numels[n], self.numels[n])

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from coalora.errors import CoaloraError, ConfigError
+from coalora.models.packages import package_model_dir
 
 DECODER_SOURCES = ("gguf_wheel", "hub", "random")
 MODEL_KINDS = ("encoder", "decoder")
@@ -65,7 +66,7 @@ def check_model_task(model: DictConfig, task: DictConfig) -> None:
 def causal_lm_path(cfg: DictConfig) -> str:
     """Folder or hub id that ``from_pretrained`` reads (converting a GGUF wheel on first use)."""
     if cfg.source == "gguf_wheel":
-        from coalora.models.gguf import ensure_converted
+        from coalora.models.gguf import ensure_converted  # pip/zip/gguf work: only for gguf_wheel
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(ensure_converted(cfg))
@@ -111,8 +112,6 @@ def causal_lm_tokenizer(cfg: DictConfig):
     from transformers import AutoTokenizer
 
     if cfg.source == "random":
-        from coalora.models.loading import package_model_dir
-
         tok = AutoTokenizer.from_pretrained(str(package_model_dir(cfg.tokenizer_package)))
     else:
         path = causal_lm_path(cfg)

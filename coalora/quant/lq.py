@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from coalora.errors import ConfigError
+from coalora.quant.nf import fake_quantize
 
 __all__ = [
     "LQResult",
@@ -191,7 +192,7 @@ def lq_residual_fn(
     ``quantize(W, qc)`` defaults to :func:`coalora.quant.nf.fake_quantize`.
     """
     if quantize is None:
-        from coalora.quant.nf import fake_quantize as quantize  # noqa: PLC0415 (sibling module)
+        quantize = fake_quantize
 
     def residual(weight: Tensor, qc: object) -> Tensor:
         res = lq_decompose(

@@ -123,7 +123,7 @@ def packed_linear(x: Tensor, p: PackedTensor, bias: Tensor | None = None) -> Ten
 
 
 def _quant_layers(model: nn.Module) -> dict:
-    from coalora.quant.linear import QuantLinear
+    from coalora.quant.linear import QuantLinear  # linear.py imports this module: a cycle
 
     return {m.name: m for m in model.modules() if isinstance(m, QuantLinear)}
 

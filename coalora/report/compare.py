@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from coalora.errors import ConfigError
+from coalora.search.pareto import hypervolume_2d
 
 METRICS = ("acc", "mcc", "f1", "pearson", "spearman", "loss", "mse")
 PRIMARY_ORDER = ("acc", "mcc", "pearson", "f1", "spearman")
@@ -316,7 +317,6 @@ def hypervolume_lines(frame: pd.DataFrame, metric: str) -> str:
     pts = frame[(frame["avg_bits"] < 16) & frame[metric].notna()]
     if pts.empty:
         return ""
-    from coalora.search.pareto import hypervolume_2d
 
     ref = (float(pts["avg_bits"].max()) + 0.25, 1.0)
     lines = [

@@ -30,6 +30,7 @@ from coalora.quant.model import model_weights
 from coalora.report.plots import plot_metric_vs_bits
 from coalora.stages.common import set_env_defaults, write_run_info
 from coalora.stages.restore import load_run
+from coalora.zeroshot import require_lm_eval, run_lm_eval
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,6 @@ def score(lit, loader, task, predictions: list | None = None) -> dict[str, float
 
 def zero_shot_scores(model, tokenizer, cfg: DictConfig) -> dict[str, float]:
     """lm-eval's metrics for the model as configured now, keyed ``<task>/<metric>``."""
-    from coalora.zeroshot import run_lm_eval
 
     e = cfg.eval
     out = run_lm_eval(
@@ -138,7 +138,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"eval.lm_eval_tasks needs a decoder run; ckpt={cfg.ckpt} is "
                 f"task={run_cfg.task.name} on model={run_cfg.model.name}"
             )
-        from coalora.zeroshot import require_lm_eval
 
         require_lm_eval()  # one line when lm-eval is not installed, before any scoring
         tokenizer = build_tokenizer(run_cfg.model)

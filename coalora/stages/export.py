@@ -37,10 +37,11 @@ from coalora.adapters import AdapterLayer, LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
 from coalora.methods import registry
-from coalora.models import task_kind
+from coalora.models import build_tokenizer, task_kind
 from coalora.quant import ModelQuantConfig, QuantLinear, fake_quantize
 from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
+from coalora.stages.build import build_backbone
 from coalora.stages.restore import load_run_config, resolve_checkpoint, restore
 
 FORMATS = ("auto", "peft", "merged", "packed")
@@ -148,7 +149,6 @@ def fold_label_affine(model: nn.Module, task: DictConfig, head: list[str]) -> No
 def merged_model(lit, run_cfg: DictConfig) -> nn.Module:
     """A fresh ``transformers`` model whose target linears hold the adapted model's effective
     weights and whose other parameters (head included) are copied from it."""
-    from coalora.stages.build import build_backbone
 
     lit.model.eval()
     fresh = build_backbone(run_cfg)
@@ -377,12 +377,9 @@ def run(cfg: DictConfig) -> Path:
         files["adapter_config.json"] = adapter_config(run_cfg, method.names, head)
         files["adapter_model.safetensors"] = peft_state(lit.model, method.names, head)
         files["README.md"] = model_card(run_cfg, config, source)
-        from coalora.models import build_tokenizer
 
         files["tokenizer"] = build_tokenizer(run_cfg.model)  # the adapter's inputs, beside it
     else:
-        from coalora.models import build_tokenizer
-
         files["model"] = merged_model(lit, run_cfg)
         files["tokenizer"] = build_tokenizer(run_cfg.model)
         files["README.md"] = merged_card(run_cfg, config, source)
