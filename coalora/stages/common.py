@@ -140,15 +140,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:  # truncated, random or hostile: one line, never "load unsafely"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            if "weights_only" in first or "Unsupported global" in first:
-                first = "it holds objects other than tensors and plain values; refused"
-            raise ConfigError(
-                f"ckpt_path={path}: not a readable coalora checkpoint ({first})"
-            ) from None
+        return read_checkpoint(path, f"ckpt_path={path}", map_location)
+
+
+def read_checkpoint(path, where: str, map_location=None) -> dict[str, Any]:
+    """A checkpoint's tensors, loaded without executing anything (``weights_only=True``); a
+    truncated, random or hostile file is one line naming ``where``, never advice to load it
+    unsafely."""
+    try:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "weights_only" in first or "Unsupported global" in first:
+            first = "it holds objects other than tensors and plain values; refused"
+        raise ConfigError(f"{where}: not a readable coalora checkpoint ({first})") from None
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

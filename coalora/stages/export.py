@@ -22,9 +22,6 @@ export leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +32,7 @@ from torch import nn
 
 from coalora.adapters import AdapterLayer, LoRALinear, adapter_modules
 from coalora.errors import ConfigError
-from coalora.io import atomic_write_json
+from coalora.io import atomic_write_json, replace_dir_atomically
 from coalora.methods import registry
 from coalora.models import build_tokenizer, task_kind
 from coalora.quant import ModelQuantConfig, QuantLinear, fake_quantize
@@ -256,32 +253,34 @@ def _check_target(out_dir: Path, run_dir: Path | None, overwrite: bool) -> None:
         raise ConfigError(f"out_dir={out_dir} is an existing file; choose a directory path")
     if overwrite or not any(out_dir.iterdir()):
         return
-    marker = out_dir / MARKER
-    try:
-        ours = run_dir is not None and json.loads(marker.read_text()).get("run_dir") == str(run_dir)
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
+    if not _is_export_of(out_dir, run_dir):
         raise ConfigError(
             f"out_dir={out_dir} exists and is not an export of this run; choose another "
             "out_dir or pass overwrite=true to replace it"
         )
 
 
+def _is_export_of(path: Path, run_dir: Path | None) -> bool:
+    """``path`` holds an export of ``run_dir`` (its marker file names the run)."""
+    try:
+        return run_dir is not None and json.loads((path / MARKER).read_text()).get(
+            "run_dir"
+        ) == str(run_dir)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_export(
     out_dir: Path, files: dict[str, Any], run_dir: Path | None = None, overwrite: bool = False
 ) -> Path:
-    """Write every file into a temp sibling directory, then swap it in: the new directory is
-    renamed into place and only then the old export removed, so an interruption leaves either
-    the old or the new export whole."""
+    """Write every file into a temp sibling directory, then swap it in
+    (:func:`coalora.io.replace_dir_atomically`): an interruption leaves either the old or the
+    new export whole."""
     out_dir = Path(out_dir).resolve()
     run_dir = Path(run_dir).resolve() if run_dir is not None else None
     _check_target(out_dir, run_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    old = None
-    try:
+
+    def build(tmp: Path) -> None:
         for name, content in files.items():
             if isinstance(content, nn.Module):  # a transformers model: its own writer
                 content.save_pretrained(str(tmp), safe_serialization=True)
@@ -295,24 +294,10 @@ def write_export(
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
         marker = {"run_dir": str(run_dir) if run_dir is not None else None, "files": sorted(files)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old, out_dir)  # put the previous export back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return replace_dir_atomically(
+        out_dir, build, is_ours=lambda p: _is_export_of(p, run_dir), overwrite=overwrite
+    )
 
 
 def load_quantized_base(model: nn.Module, quant_config: str | Path | ModelQuantConfig) -> nn.Module:

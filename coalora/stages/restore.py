@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import ConfigError
@@ -25,6 +24,7 @@ from coalora.stages.build import (
     check_run,
     method_context,
 )
+from coalora.stages.common import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,7 @@ class RestoredRun:
 
 def load_checkpoint_state(ckpt_file: Path) -> dict[str, Any]:
     """A checkpoint's tensors, loaded without executing anything (``weights_only=True``)."""
-    try:
-        state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "weights_only" in first or "Unsupported global" in first:
-            first = "it holds objects other than tensors and plain values; refused"
-        raise ConfigError(f"{ckpt_file}: not a readable coalora checkpoint ({first})") from None
+    state = read_checkpoint(ckpt_file, str(ckpt_file))
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise ConfigError(f"{ckpt_file}: not a coalora checkpoint (no state_dict)")
     return state

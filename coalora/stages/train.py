@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import CoaloraError, ConfigError
 from coalora.io import atomic_write_json
+from coalora.lit.resume import LastCheckpoint
 from coalora.report.curves import plot_run_curves
 from coalora.stages.build import build_module, build_trainer, prepare
 from coalora.stages.common import (
@@ -106,19 +107,15 @@ def stop_on_sigterm(trainer, run_dir) -> str:
     """Say where the resumable last.ckpt is (``LastCheckpoint`` wrote it at the step reached;
     without that callback it is written here)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file() or _ckpt_step(ckpt) != trainer.global_step:
+    saved = [c for c in trainer.callbacks if isinstance(c, LastCheckpoint)]
+    if saved:
+        ckpt = Path(saved[0].path)
+    if not saved or saved[0].saved_step != trainer.global_step:
         trainer.save_checkpoint(str(ckpt), weights_only=False)
     return (
         f"stopped by SIGTERM at step {trainer.global_step}; resume with ckpt_path={ckpt} "
         "(no results were written)"
     )
-
-
-def _ckpt_step(path) -> int | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("global_step")
-    except Exception:
-        return None
 
 
 def print_summary(results: dict[str, Any]) -> None:
