@@ -31,6 +31,12 @@ from coalora.search.pool import PoolGrid, initial_pool
 
 log = logging.getLogger(__name__)
 
+# What the adapter is trained on: `pool` -- the configuration set (method.configset, else the
+# allocations on method.pool's grid); `eval_budgets` -- only the allocations at
+# method.eval_budgets, the Shared-LoRA baseline as the CoA-LoRA paper trains it
+# (arXiv 2509.25214, baselines: one LoRA over the four budget models; docs/methods.md).
+TRAIN_ON = ("pool", "eval_budgets")
+
 
 class MultiConfigMethod(Method):
     """LoRA trained while the base configuration changes every step."""
@@ -57,7 +63,15 @@ class MultiConfigMethod(Method):
                 f"method.eval_budgets={outside} outside the achievable average bits "
                 f"[{lo:.4f}, {hi:.4f}] of quant.space"
             )
-        if not c.get("configset"):
+        train_on = c.get("train_on", "pool")
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"method.train_on={train_on!r}; allowed: {', '.join(TRAIN_ON)}")
+        if train_on == "eval_budgets" and c.get("configset"):
+            raise ConfigError(
+                "method.train_on=eval_budgets trains on the evaluation budgets' allocations; "
+                f"it cannot be combined with method.configset={c.configset}"
+            )
+        if train_on == "pool" and not c.get("configset"):
             PoolGrid.from_cfg(c.pool, "method.pool").budgets(quant.space, "method.pool")
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
@@ -94,6 +108,8 @@ class MultiConfigMethod(Method):
         return {f"{b:g}": c for b, c in allocs.items()}
 
     def _training_set(self, weights, ctx: MethodContext) -> list[ModelQuantConfig]:
+        if self.cfg.get("train_on", "pool") == "eval_budgets":
+            return list(self.eval_set.values())
         if self.cfg.get("configset"):
             cs = ConfigSet.load(self.cfg.configset, expected_names=self.names, space=self.space)
             wrong = {

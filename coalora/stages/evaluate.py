@@ -85,7 +85,8 @@ def zero_shot_scores(model, tokenizer, cfg: DictConfig) -> dict[str, float]:
 
 
 def write_predictions(path: Path, order: list[int], columns: dict[str, list]) -> None:
-    """``predictions.csv``: dev example index, label, then one prediction column per budget."""
+    """``predictions.csv``: dev example index, label, then one prediction column per scored
+    configuration: ``<budget>`` for the allocation, ``<budget>-random<i>`` for held-out ones."""
     names = list(columns)
     labels = [lab for lab, _ in columns[names[0]]]
 
@@ -163,11 +164,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             with method.configured(lit.model, config):
                 adapt_ms = 1000 * (time.perf_counter() - t0)  # switch (now cached) + mapper
-                preds = (
-                    predictions.setdefault(f"{budget:g}", [])
-                    if keep and kind == "allocation"
-                    else None
-                )
+                column = label if kind == "allocation" else f"{label}-{kind}"
+                preds = predictions.setdefault(column, []) if keep else None
                 m = score(lit, loader, run_cfg.task, preds)
                 if zero_shot and kind == "allocation":
                     m.update(zero_shot_scores(lit.model, tokenizer, cfg))

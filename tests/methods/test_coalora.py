@@ -77,6 +77,34 @@ def test_draw_is_seeded_by_step(built):
     assert a == b and len(a) == 2
 
 
+def test_train_on_eval_budgets_trains_on_the_evaluation_allocations_only(built):
+    budgets = "method.eval_budgets=[3.0,4.0]"
+    _, pool_lit, _ = built(["method=shared_lora", *POOL, budgets])
+    _, lit, _ = built(["method=shared_lora", *POOL, budgets, "method.train_on=eval_budgets"])
+    assert lit.method.train_set == list(lit.method.eval_set.values())
+    assert len(lit.method.train_set) == 2 and len(pool_lit.method.train_set) == 4
+    assert {round(c.average_bits(), 1) for c in lit.method.train_set} == {3.0, 4.0}
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["method.train_on=budgets"], "method.train_on='budgets'; allowed: pool, eval_budgets"),
+        (
+            ["method.train_on=eval_budgets", "method.configset=/x.json"],
+            "cannot be combined with method.configset",
+        ),
+    ],
+)
+def test_train_on_is_checked(tiny_cfg, overrides, needle):
+    from coalora.errors import ConfigError
+    from coalora.stages.build import check_run
+
+    with pytest.raises(ConfigError) as e:
+        check_run(tiny_cfg(["method=shared_lora", *overrides]))
+    assert needle in str(e.value)
+
+
 @pytest.mark.parametrize("method", ["coalora"])
 def test_peft_export_round_trip_gives_equal_logits(built, tmp_path, method):
     peft = pytest.importorskip("peft")

@@ -105,12 +105,16 @@ def test_evaluate_scores_budgets_and_random_neighbours(coalora_run):
     # per-example predictions at each allocation, every dev example once, consistent with acc
     with open(out / "predictions.csv", newline="") as f:
         preds = list(csv.DictReader(f))
-    assert list(preds[0]) == ["example", "label", "3", "4"]
+    assert list(preds[0]) == ["example", "label", "3", "3-random0", "4", "4-random0"]
     assert sorted(int(p["example"]) for p in preds) == list(range(len(preds)))
     alloc = {row["budget"]: row["acc"] for row in rows if row["kind"] == "allocation"}
     for budget, key in ((3.0, "3"), (4.0, "4")):
         correct = sum(p[key] == p["label"] for p in preds) / len(preds)
         assert correct == pytest.approx(alloc[budget])
+    held_out = {row["budget"]: row["acc"] for row in rows if row["kind"] == "random0"}
+    for budget, key in ((3.0, "3-random0"), (4.0, "4-random0")):
+        correct = sum(p[key] == p["label"] for p in preds) / len(preds)
+        assert correct == pytest.approx(held_out[budget])
 
 
 def test_mapper_stats_reports_a_near_identity_mixing_after_three_steps(coalora_run, monkeypatch):

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The decoder comparison of docs/decoder_lms.md ("Five methods on SmolLM2"): SmolLM2-135M on
+# WikiText-2 (fine-tune on `valid`, report on `test`), every run with the same token budget and
+# number of forward/backward passes, each followed by evaluate.py at the four budgets (multi-
+# configuration methods also on held-out random configurations near each budget). The compact
+# results of each run (results.json, predictions.csv with per-block NLL, the training log) are
+# copied to $RESULTS/<run name>/ so that runs made in different sittings can be aggregated by
+# scripts/decoder_report.py.
+#
+#   scripts/decoder_comparison.sh lora qlora_b3.0 coalora_s42      # named runs, in this order
+#   scripts/decoder_comparison.sh --list                            # the run names
+#
+# A run whose $RESULTS/<name>/results.json exists is skipped (so a queue can be resumed).
+# Env: OUT [outputs/decoder_comparison]  RESULTS [docs/results/decoder_smollm2]
+#      STEPS [40]  BATCH [2]  LR [1e-3]  PY [.venv/bin/python]  ARGS (extra overrides, every run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-outputs/decoder_comparison}
+RESULTS=${RESULTS:-docs/results/decoder_smollm2}
+STEPS=${STEPS:-40}
+BATCH=${BATCH:-2}
+LR=${LR:-1e-3}
+read -r -a EXTRA <<< "${ARGS:-}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
+
+# Every run: 40 optimizer steps x 2 blocks x 256 tokens = 20,480 training tokens from WikiText-2
+# valid, one configuration per step (configs_per_step=1, so the multi-configuration methods pay
+# the same forward/backward passes as one per-budget run); validation only at the last step, on
+# one batch (the reported numbers come from evaluate.py on 32 test blocks).
+COMMON=(model=smollm2_135m task=wikitext2 "data.batch_size=$BATCH" data.eval_batch_size=8
+  "method.max_steps=$STEPS" "method.val_check_interval=$STEPS" "method.lr=$LR"
+  trainer.limit_val_batches=1 final_eval=false)
+BUDGETS="[2.5,3.0,3.5,4.0]"
+# the multi-configuration methods' training pool: allocations every 0.25 bits over 2.25-4.5
+MULTI=(method.configs_per_step=1 "method.eval_budgets=$BUDGETS" method.pool.start=2.25
+  method.pool.stop=4.5 method.pool.step=0.25)
+
+overrides() {  # run name -> its Hydra overrides (one per line)
+  local name=$1 seed=42
+  case $name in *_s[0-9]*) seed=${name##*_s} ;; esac
+  printf '%s\n' "seed=$seed"
+  case $name in
+    lora) echo method=lora ;;
+    qlora_b* | lq_lora_b* | qwha_b*)
+      local m=${name%_b*}
+      printf '%s\n' "method=$m" quant=budget "quant.budget=${name##*_b}" ;;
+    shared_lora_s*) printf '%s\n' method=shared_lora "${MULTI[@]}" ;;
+    shared_lora_evalonly_s*)  # the CoA-LoRA paper's Shared-LoRA: only the evaluation budgets
+      printf '%s\n' method=shared_lora "${MULTI[@]}" method.train_on=eval_budgets ;;
+    coalora_s*) printf '%s\n' method=coalora "${MULTI[@]}" ;;
+    coalora_r32_s*) printf '%s\n' method=coalora "${MULTI[@]}" method.rank=32 method.alpha=64 ;;
+    shared_lora_r32_s*)
+      printf '%s\n' method=shared_lora "${MULTI[@]}" method.rank=32 method.alpha=64 ;;
+    *) echo "unknown run name: $name (see --list)" >&2; return 2 ;;
+  esac
+}
+
+if [[ "${1:-}" == --list ]]; then
+  echo lora qlora_b{2.5,3.0,3.5,4.0} lq_lora_b{2.5,3.0} qwha_b{2.5,3.0} \
+    shared_lora_s{42,43} shared_lora_evalonly_s{42,43} coalora_s{42,43} \
+    coalora_r32_s42 shared_lora_r32_s42
+  exit 0
+fi
+
+for name in "$@"; do
+  dest="$RESULTS/$name"
+  if [[ -f "$dest/results.json" ]]; then echo "== $name: done already ($dest)"; continue; fi
+  mapfile -t ov < <(overrides "$name")
+  run="$OUT/$name"
+  rm -rf "$run" "$run-eval"
+  echo "== $name: train ($(date -u +%H:%M:%S))"
+  start=$(date +%s)
+  "$PY" train.py "${COMMON[@]}" "${ov[@]}" "${EXTRA[@]}" hydra.run.dir="$run"
+  trained=$(date +%s)
+  echo "== $name: evaluate ($(date -u +%H:%M:%S))"
+  "$PY" evaluate.py ckpt="$run" "eval.budgets=$BUDGETS" eval.random_per_budget=1 \
+    hydra.run.dir="$run-eval"
+  done_at=$(date +%s)
+  mkdir -p "$dest.tmp"
+  cp "$run-eval/results.json" "$run-eval/predictions.csv" "$dest.tmp/"
+  cp "$run/run_info.json" "$dest.tmp/train_run_info.json" 2>/dev/null || true
+  metrics=$(find "$run" -name metrics.csv | head -1)
+  [[ -n "$metrics" ]] && cp "$metrics" "$dest.tmp/train_metrics.csv"
+  printf '{"name": "%s", "overrides": "%s", "train_s": %d, "eval_s": %d, "host": "%s", "date": "%s"}\n' \
+    "$name" "$(printf '%s ' "${COMMON[@]}" "${ov[@]}" "${EXTRA[@]}")" $((trained - start)) \
+    $((done_at - trained)) "$(uname -m) $(nproc) cores" "$(date -u +%FT%TZ)" > "$dest.tmp/run.json"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+  echo "== $name: done in $((done_at - start)) s -> $dest"
+done
