@@ -8,6 +8,12 @@ space; cached under ``paths.cache_dir``) and writes the compact results as JSON.
     COALORA_CACHE_DIR=<cache with the converted model> python scripts/bench_decoder_quant.py \
         --out docs/results/decoder_quantized_base.json
 
+``--configs FILE ...`` also scores saved configurations, e.g. the held-out random configurations
+an ``evaluate.py`` run wrote to ``<eval dir>/configs/<budget>-random<i>.json``, so the base's row
+of the held-out table uses the same configurations as the adapters'. ``--skip-allocations``
+scores only those (the earlier rows stay in ``--out`` when it exists: new rows replace rows of
+the same name).
+
 Numbers go into docs/decoder_lms.md with the command, date and machine.
 """
 
@@ -25,7 +31,7 @@ from hydra import compose, initialize_config_dir
 from coalora.data.metrics import block_nll, bootstrap_perplexity, perplexity
 from coalora.io import atomic_write_json
 from coalora.models import build_tokenizer
-from coalora.quant import QuantSpace, model_weights, quantize_model
+from coalora.quant import ModelQuantConfig, QuantSpace, model_weights, quantize_model
 from coalora.quant.build import QuantSettings, allocations
 from coalora.report.bench import header_lines
 from coalora.stages.build import build_backbone, build_datamodule, method_context
@@ -48,6 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
+    ap.add_argument("--configs", nargs="*", default=[], help="configuration JSON files to score")
+    ap.add_argument("--skip-allocations", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     data_dir = os.environ.get("COALORA_DATA_DIR") or str(ROOT.parent / "shared" / "data")
@@ -69,20 +77,31 @@ def main() -> None:
     )
     table_s = time.perf_counter() - t0
     rows = []
-    ppl, nll, tokens = eval_ppl(model, loader)
-    lo, hi = bootstrap_perplexity(torch.tensor(nll), torch.tensor(tokens))
-    rows.append({"config": "full precision", "avg_bits": 32.0, "ppl": ppl, "ci95": [lo, hi]})
-    print(f"full precision: ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]", flush=True)
-    quantize_model(model, ctx.names, None)
-    for b, config in allocs.items():
+    header = header_lines("Quantized SmolLM2 base, no adapter")
+
+    def score(name: str, config) -> None:
         quantize_model(model, ctx.names, config)
         ppl, nll, tokens = eval_ppl(model, loader)
         lo, hi = bootstrap_perplexity(torch.tensor(nll), torch.tensor(tokens))
-        rows.append({"config": f"allocation@{b:g}", "avg_bits": config.average_bits(),
-                     "ppl": ppl, "ci95": [lo, hi]})  # fmt: skip
-        print(f"{b:g} bits ({config.average_bits():.3f}): ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]")
+        bits = 32.0 if config is None else config.average_bits()
+        rows.append({"config": name, "avg_bits": bits, "ppl": ppl, "ci95": [lo, hi]})
+        print(f"{name} ({bits:.3f} bits): ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]", flush=True)
+
+    if not args.skip_allocations:
+        score("full precision", None)
+        for b, config in allocs.items():
+            score(f"allocation@{b:g}", config)
+    for path in args.configs:
+        score(f"held-out {Path(path).stem}", ModelQuantConfig.from_json(path))
+    if args.out and Path(args.out).is_file():  # keep earlier rows that were not re-scored
+        new = {r["config"] for r in rows}
+        old = json.loads(Path(args.out).read_text())
+        rows = [r for r in old["rows"] if r["config"] not in new] + rows
+        if args.skip_allocations:
+            table_s = old.get("table_and_allocations_seconds", table_s)
+        header = old["header"] + header
     result = {
-        "header": header_lines("Quantized SmolLM2 base, no adapter"),
+        "header": header,
         "model": cfg.model.name,
         "task": "wikitext2 (eval split test)",
         "eval_blocks": int(cfg.task.eval_blocks),
