@@ -6,7 +6,10 @@
     python scripts/compare.py runs=[...] curves=true wandb=true
 
 Series are keyed by (model, task, method, the settings that differ, seed): two seeds of one
-method are two lines; ``aggregate=true`` pools the seeds into mean ± std (a band). Outputs, in
+method are two lines; ``aggregate=true`` pools the seeds into mean ± std (a band). The metric is
+the task's (``ppl`` for decoder runs, lower is better; its plot has a log axis); ``rank`` orders
+the series at each budget in its direction, and the hypervolume is of (average bits, 1 − metric)
+or, for lower-is-better metrics, of (average bits, metric) (log ppl for perplexity). Outputs, in
 ``out`` (default ``outputs/compare/<date>``): ``comparison.md`` / ``comparison.csv``,
 ``<metric>_vs_bits.png``, ``time_vs_configs.png`` (measured fit times: a per-configuration method
 needs one fit per configuration, CoA-LoRA one for all; arXiv 2509.25214, Figure 1) and, with
@@ -42,6 +45,7 @@ def run(cfg: DictConfig) -> dict:
     frame = frame.sort_values(["series", "avg_bits"], kind="stable")
     aggregated = bool(cfg.aggregate)
     table = C.aggregate_seeds(frame, metric) if aggregated else frame
+    table = table.assign(rank=C.rank_in_cells(table, metric))
     cols = C.table_columns(table, metric, aggregated)
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,11 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"time_max_configs={n_max} must be >= 1")
 
     times = C.fit_time_table(frame)
-    md = [C.markdown_table(table, cols), C.hypervolume_lines(table, metric)]
+    md = [
+        C.markdown_table(table, cols),
+        C.best_lines(table, metric),
+        C.hypervolume_lines(table, metric),
+    ]
     if not times.empty:
         shown = sorted({1, min(4, n_max), n_max})
         md += [

@@ -1,11 +1,23 @@
-"""Paired significance test between runs scored on the same dev examples.
+"""Paired significance test between runs scored on the same dev examples (or evaluation blocks).
 
     python scripts/paired_test.py <eval dir A> <eval dir B> [<eval dir C> ...] [--out FILE]
 
 Each directory is an ``evaluate.py`` run with ``predictions.csv`` (``eval.save_predictions=true``,
-the default). Every other run is compared with the first (the reference) at every budget both
-scored: accuracy of each, the difference, McNemar's exact test on the discordant examples (the
-two-sided binomial test of ``b`` vs ``c``), and a 95% paired-bootstrap interval of the difference.
+the default). Every other run (B) is compared with the first (A, the reference) on every
+``predictions.csv`` column both have: ``<budget>`` (the allocation) and ``<budget>-random<i>``
+(a held-out random configuration near the budget).
+
+Classification (GLUE): accuracy of each, the difference, McNemar's exact test on the discordant
+examples (the two-sided binomial test of ``b`` vs ``c``), and a 95% paired-bootstrap interval of
+the difference.
+
+Language modelling (a run whose results rows report ``ppl``, or whose training run's config has
+``task.kind: causal_lm``): ``predictions.csv`` holds per evaluation block its scored tokens
+(``label``) and summed NLL. Perplexity of each, ppl(B) − ppl(A) with a 95% paired bootstrap
+interval over blocks (``coalora.data.metrics.paired_bootstrap_perplexity``: both runs resampled
+with the same blocks) and the fraction of resamples in which B is not lower than A. Two runs must
+have scored the same blocks with the same token counts.
+
 A difference whose interval contains 0 is within what the dev set can resolve.
 """
 
@@ -17,13 +29,36 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+from omegaconf import OmegaConf
 from scipy.stats import binomtest, bootstrap
 
+from coalora.data.metrics import is_causal_lm, paired_bootstrap_perplexity, perplexity
 from coalora.report.bench import emit_markdown
+from coalora.report.compare import trained_run_dir
+
+REPS = 10000
+SEED = 0
 
 
-def load(run: Path) -> tuple[str, dict[str, dict[int, bool]]]:
-    """(label, budget -> {example: correct})."""
+def is_lm_run(res: dict) -> bool:
+    """Whether an evaluation scored a causal-LM task: its rows report ``ppl``, else its
+    training run's ``config.yaml`` (when on this machine) says ``task.kind: causal_lm``."""
+    rows = res.get("rows") or []
+    if rows:
+        return any("ppl" in r for r in rows)
+    run = trained_run_dir(res)
+    if run is not None and (run / "config.yaml").is_file():
+        task = OmegaConf.load(run / "config.yaml").get("task")
+        return task is not None and is_causal_lm(task)
+    return False
+
+
+def load(run: Path) -> tuple[str, bool, dict[int, float], dict[str, dict[int, float]]]:
+    """(label, is LM, example -> label column, column -> {example: value}).
+
+    The label column is the gold label (classification) or the block's scored tokens (LM);
+    values are predictions or the block's summed NLL."""
     path = run / "predictions.csv"
     if not path.is_file():
         raise SystemExit(
@@ -33,15 +68,18 @@ def load(run: Path) -> tuple[str, dict[str, dict[int, bool]]]:
     label = f"{res.get('method', '?')} ({run.name})"
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        budgets = [c for c in reader.fieldnames or [] if c not in ("example", "label")]
-        out: dict[str, dict[int, bool]] = {b: {} for b in budgets}
+        columns = [c for c in reader.fieldnames or [] if c not in ("example", "label")]
+        gold: dict[int, float] = {}
+        out: dict[str, dict[int, float]] = {c: {} for c in columns}
         for row in reader:
-            for b in budgets:
-                out[b][int(row["example"])] = float(row[b]) == float(row["label"])
-    return label, out
+            i = int(row["example"])
+            gold[i] = float(row["label"])
+            for c in columns:
+                out[c][i] = float(row[c])
+    return label, is_lm_run(res), gold, out
 
 
-def paired_stats(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0) -> dict:
+def paired_stats(a: np.ndarray, b: np.ndarray, reps: int = REPS, seed: int = SEED) -> dict:
     """``a``, ``b``: per-example correctness (bool arrays on the same examples)."""
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
@@ -71,6 +109,65 @@ def paired_stats(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0)
     }
 
 
+def lm_stats(
+    nll_ref: np.ndarray,
+    nll_other: np.ndarray,
+    tokens: np.ndarray,
+    reps: int = REPS,
+    seed: int = SEED,
+) -> dict:
+    """Per-block summed NLL of the reference and the other run on the same blocks (``tokens``
+    scored tokens each): perplexities, ppl(other) − ppl(reference), its 95% paired bootstrap
+    interval over blocks and the fraction of resamples where the other run is not lower."""
+    ref, other = torch.as_tensor(nll_ref), torch.as_tensor(nll_other)
+    tok = torch.as_tensor(tokens)
+    s = paired_bootstrap_perplexity(other, ref, tok, n_resamples=reps, seed=seed)
+    return {
+        "ppl_ref": perplexity(ref, tok),
+        "ppl_other": perplexity(other, tok),
+        "diff": s["diff"],
+        "ci_low": s["low"],
+        "ci_high": s["high"],
+        "p_not_lower": s["p_not_lower"],
+        "blocks": len(tok),
+        "tokens": int(tok.sum()),
+    }
+
+
+def _num(x: float, sign: bool = False) -> str:
+    """Perplexities span 10 to 1e8 (a collapsed configuration): fixed point, then scientific."""
+    spec = "+" if sign else ""
+    return f"{x:{spec}.4f}" if abs(x) < 1e6 else f"{x:{spec}.4e}"
+
+
+def check_same_blocks(run: str, ref_run: str, gold: dict, ref_gold: dict) -> None:
+    """LM: both runs scored the same blocks, each with the same number of tokens."""
+    if set(gold) != set(ref_gold):
+        raise SystemExit(
+            f"error: {run} scored other evaluation blocks than {ref_run} "
+            f"({len(gold)} vs {len(ref_gold)} blocks, {len(set(gold) ^ set(ref_gold))} not shared)"
+        )
+    differ = sorted(i for i in gold if int(gold[i]) != int(ref_gold[i]))
+    if differ:
+        raise SystemExit(
+            f"error: {run} scored other evaluation blocks than {ref_run} (the token counts "
+            f"differ in {len(differ)} blocks, first block {differ[0]}: "
+            f"{int(gold[differ[0]])} vs {int(ref_gold[differ[0]])} tokens)"
+        )
+
+
+CLS_HEADER = [
+    "| other | column | acc ref | acc other | diff | only ref right | only other right "
+    "| McNemar p | 95% CI of diff |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+LM_HEADER = [
+    "| other | column | ppl ref | ppl other | diff | 95% CI of diff | P(other not lower) "
+    "| blocks | tokens |",
+    "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+]
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
@@ -80,30 +177,59 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
     if len(args.runs) < 2:
         raise SystemExit("error: give at least two evaluate.py run directories")
-    ref_label, ref = load(Path(args.runs[0]))
-    lines = [
-        f"Reference: {ref_label}. diff = other − reference (accuracy points).",
-        "",
-        "| other | budget | acc ref | acc other | diff | only ref right | only other right "
-        "| McNemar p | 95% CI of diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    ref_label, lm, ref_gold, ref = load(Path(args.runs[0]))
+    if lm:
+        lines = [
+            f"Reference: {ref_label}. diff = ppl(other) − ppl(reference) (lower is better); "
+            f"95% CI from a paired bootstrap over evaluation blocks ({REPS} resamples).",
+            "",
+            *LM_HEADER,
+        ]
+    else:
+        lines = [
+            f"Reference: {ref_label}. diff = other − reference (accuracy points).",
+            "",
+            *CLS_HEADER,
+        ]
     for run in args.runs[1:]:
-        label, other = load(Path(run))
-        common = [b for b in ref if b in other]
+        label, other_lm, gold, other = load(Path(run))
+        if other_lm != lm:
+            kinds = {True: "a language-modelling", False: "a classification"}
+            raise SystemExit(
+                f"error: {run} is {kinds[other_lm]} evaluation but {args.runs[0]} is "
+                f"{kinds[lm]} one; compare runs of one task"
+            )
+        common = [c for c in ref if c in other]
         if not common:
-            raise SystemExit(f"error: {run} shares no budget with {args.runs[0]}")
-        for b in common:
-            examples = sorted(set(ref[b]) & set(other[b]))
-            if len(examples) != len(ref[b]):
+            raise SystemExit(f"error: {run} shares no predictions.csv column with {args.runs[0]}")
+        if lm:
+            check_same_blocks(run, args.runs[0], gold, ref_gold)
+            blocks = sorted(ref_gold)
+            tokens = np.array([int(ref_gold[i]) for i in blocks])
+        for c in common:
+            if lm:
+                s = lm_stats(
+                    np.array([ref[c][i] for i in blocks]),
+                    np.array([other[c][i] for i in blocks]),
+                    tokens,
+                )
+                lines.append(
+                    f"| {label} | {c} | {_num(s['ppl_ref'])} | {_num(s['ppl_other'])} "
+                    f"| {_num(s['diff'], True)} "
+                    f"| [{_num(s['ci_low'], True)}, {_num(s['ci_high'], True)}] "
+                    f"| {s['p_not_lower']:.4f} | {s['blocks']} | {s['tokens']} |"
+                )
+                continue
+            examples = sorted(set(ref[c]) & set(other[c]))
+            if len(examples) != len(ref[c]):
                 raise SystemExit(
                     f"error: {run} was scored on other dev examples than the reference"
                 )
-            a = np.array([other[b][i] for i in examples])
-            r = np.array([ref[b][i] for i in examples])
+            a = np.array([other[c][i] == gold[i] for i in examples])
+            r = np.array([ref[c][i] == ref_gold[i] for i in examples])
             s = paired_stats(a, r)
             lines.append(
-                f"| {label} | {b} | {s['acc_b']:.4f} | {s['acc_a']:.4f} | {100 * s['diff']:+.2f} "
+                f"| {label} | {c} | {s['acc_b']:.4f} | {s['acc_a']:.4f} | {100 * s['diff']:+.2f} "
                 f"| {s['only_b']} | {s['only_a']} | {s['p_mcnemar']:.3f} "
                 f"| [{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] |"
             )

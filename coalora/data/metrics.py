@@ -2,7 +2,8 @@
 
 Causal-LM tasks (``task.kind: causal_lm``) log perplexity ``ppl`` and mean token NLL ``nll``
 from per-block sums (:func:`block_nll`); every task's direction is
-:func:`higher_is_better`.
+:func:`higher_is_better`, every metric key's :func:`metric_higher_is_better` (what tables that
+read results back, such as ``coalora.report.compare``, rank by).
 
 Per task (GLUE's official choice first = the primary metric, ``task.metrics``):
 SST-2/QNLI/RTE/MNLI accuracy ``acc``; CoLA Matthews correlation ``mcc``; MRPC/QQP ``f1`` of
@@ -48,6 +49,9 @@ __all__ = [
     "build_metrics",
     "higher_is_better",
     "lm_metric_keys",
+    "LOG_SCALE_METRICS",
+    "METRIC_HIGHER_IS_BETTER",
+    "metric_higher_is_better",
     "paired_bootstrap_perplexity",
     "perplexity",
     "is_causal_lm",
@@ -78,6 +82,35 @@ def higher_is_better(task: DictConfig) -> bool:
             f"task.mode={mode!r} (max = higher is better)"
         )
     return bool(declared)
+
+
+# The direction of every metric key coalora writes into results.json (``val/<key>``, evaluate's
+# rows): the task metrics, the LM metrics and the losses. Kept in line with the task configs'
+# ``higher_is_better``/``mode`` by tests/report/test_compare.py.
+METRIC_HIGHER_IS_BETTER: dict[str, bool] = {
+    "acc": True,
+    "mcc": True,
+    "f1": True,
+    "pearson": True,
+    "spearman": True,
+    "ppl": False,
+    "nll": False,
+    "loss": False,
+    "mse": False,
+}
+# Keys compared on a log scale: perplexity is exp(mean token NLL), so one collapsed configuration
+# (ppl 1e8 at 2.5 bits, docs/decoder_lms.md) dwarfs every other difference on a linear scale;
+# log ppl is the mean token NLL.
+LOG_SCALE_METRICS = frozenset({"ppl"})
+
+
+def metric_higher_is_better(key: str) -> bool:
+    """The direction of the metric key ``key`` (``acc``, ``ppl``, ...; no ``val/`` prefix)."""
+    if key not in METRIC_HIGHER_IS_BETTER:
+        raise ConfigError(
+            f"metric {key!r}: its direction is unknown; known: {list(METRIC_HIGHER_IS_BETTER)}"
+        )
+    return METRIC_HIGHER_IS_BETTER[key]
 
 
 def _metric(key: str, num_labels: int) -> Metric:

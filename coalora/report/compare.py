@@ -9,6 +9,10 @@ Series: one per (model, task, method, variant, seed). ``variant`` names the meth
 the step count) that differ between runs of one method, so two settings or two seeds of a method
 are two lines; the runs of a per-budget sweep (one configuration per run) join into one line.
 ``aggregate`` pools the seeds of a series: mean, sample standard deviation and count per cell.
+
+Every metric's direction comes from ``coalora.data.metrics.METRIC_HIGHER_IS_BETTER`` (acc, mcc,
+f1, pearson, spearman higher; ppl, nll, loss, mse lower); ranks, the best per budget and the
+hypervolume all read it. Decoder (causal-LM) runs are compared on perplexity ``ppl``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from coalora.data.metrics import (
+    LOG_SCALE_METRICS,
+    METRIC_HIGHER_IS_BETTER,
+    metric_higher_is_better,
+)
 from coalora.errors import ConfigError
 from coalora.search.pareto import hypervolume_2d
 
-METRICS = ("acc", "mcc", "f1", "pearson", "spearman", "loss", "mse")
-PRIMARY_ORDER = ("acc", "mcc", "pearson", "f1", "spearman")
+METRICS = tuple(METRIC_HIGHER_IS_BETTER)
+# the task metric, when the metric= override names none: GLUE's first, then perplexity (LM runs
+# report ppl and nll and no classification metric)
+PRIMARY_ORDER = ("acc", "mcc", "pearson", "f1", "spearman", "ppl")
 SERIES_KEYS = ["model", "task", "method", "variant", "seed"]
 GROUP_KEYS = ["model", "task", "method", "variant"]
 
@@ -80,20 +92,30 @@ def _metric_name(key: str) -> str:
     return key.split("/")[-1]
 
 
-def _trained_run(res: dict[str, Any]) -> dict[str, Any]:
-    """results.json of the training run an evaluation points at (``ckpt``), or {}."""
+def trained_run_dir(res: dict[str, Any]) -> Path | None:
+    """Directory of the training run an evaluation's results point at (``ckpt``: the run, or a
+    checkpoint file inside it): the first of ckpt, its parent and grandparent holding the
+    training run's ``results.json`` or ``config.yaml``; None when none is on this machine."""
     ckpt = res.get("ckpt")
     if not ckpt:
-        return {}
+        return None
     path = Path(ckpt)
     for cand in (path, path.parent, path.parent.parent):
-        f = cand / "results.json"
-        if cand.is_dir() and f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError:
-                return {}
-    return {}
+        if cand.is_dir() and any((cand / f).is_file() for f in ("results.json", "config.yaml")):
+            return cand
+    return None
+
+
+def _trained_run(res: dict[str, Any]) -> dict[str, Any]:
+    """results.json of the training run an evaluation points at (``ckpt``), or {}."""
+    run = trained_run_dir(res)
+    f = None if run is None else run / "results.json"
+    if f is None or not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return {}
 
 
 def rows_of(run: Path) -> list[dict[str, Any]]:
@@ -121,9 +143,8 @@ def rows_of(run: Path) -> list[dict[str, Any]]:
             row = {**base, "kind": r.get("kind", "allocation"), "budget": r.get("budget")}
             row["avg_bits"] = float(r["avg_bits"])
             row["adapt_ms"] = r.get("adapt_ms")
-            row.update(
-                {_metric_name(k): float(v) for k, v in r.items() if _metric_name(k) in METRICS}
-            )
+            # the task's metrics are bare keys; "<task>/<metric>" are lm-eval zero-shot scores
+            row.update({k: float(v) for k, v in r.items() if k in METRICS})
             out.append(row)
         return out
     budgets = {float(k): v for k, v in (res.get("eval_avg_bits") or {}).items()}
@@ -187,6 +208,8 @@ def _variants(rows: list[dict]) -> None:
 
 def primary_metric(frame: pd.DataFrame, metric: str | None = None) -> str:
     if metric:
+        if metric not in METRICS:
+            raise ConfigError(f"metric={metric!r} is not allowed; allowed: {list(METRICS)}")
         if metric not in frame.columns:
             have = [m for m in METRICS if m in frame.columns]
             raise ConfigError(f"metric={metric!r} is in none of the runs; they have {have}")
@@ -194,7 +217,11 @@ def primary_metric(frame: pd.DataFrame, metric: str | None = None) -> str:
     for m in PRIMARY_ORDER:
         if m in frame.columns and frame[m].notna().any():
             return m
-    raise ConfigError("runs: no task metric (acc, mcc, pearson, f1) in the runs' results")
+    raise ConfigError(f"runs: no task metric ({', '.join(PRIMARY_ORDER)}) in the runs' results")
+
+
+def direction_text(metric: str) -> str:
+    return f"{'higher' if metric_higher_is_better(metric) else 'lower'} is better"
 
 
 def load_frame(runs: list[Path], labels: str = "auto") -> pd.DataFrame:
@@ -257,7 +284,7 @@ def _series_labels(frame: pd.DataFrame) -> pd.Series:
     names = pd.Series([label(i) for i in frame.index], index=frame.index)
     # runs that share a label and score the same cell (same setting, same seed, same budget):
     # tell them apart by directory; a per-budget sweep (one cell per run) stays one line
-    cell = frame["budget"].where(frame["budget"].notna(), frame["avg_bits"].round(2))
+    cell = budget_cell(frame)
     per_cell = frame.groupby([names, frame["kind"], cell])["run"].transform("nunique")
     clash = set(names[per_cell > 1])
     dup = names.isin(clash)
@@ -266,12 +293,18 @@ def _series_labels(frame: pd.DataFrame) -> pd.Series:
     return names
 
 
+def budget_cell(frame: pd.DataFrame) -> pd.Series:
+    """The budget a row scores: its ``budget``, else its average bits to two decimals (the runs
+    of a per-budget sweep record no budget)."""
+    return frame["budget"].where(frame["budget"].notna(), frame["avg_bits"].round(2))
+
+
 # ---------------------------------------------------------------------- aggregation
 def aggregate_seeds(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per (model, task, method, variant, kind, budget cell) over seeds: mean, sample
     standard deviation (NaN for one seed), n and the seeds; the series label drops the seed."""
     f = frame.copy()
-    f["cell"] = f["budget"].where(f["budget"].notna(), f["avg_bits"].round(2))
+    f["cell"] = budget_cell(f)
     f["series"] = f["series"].str.replace(r" seed \S+$", "", regex=True)
     keys = [*GROUP_KEYS, "series", "kind", "cell"]
     g = f.groupby(keys, dropna=False, sort=False)
@@ -289,10 +322,50 @@ def aggregate_seeds(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out.drop(columns=["cell"]).sort_values(["series", "avg_bits"], kind="stable")
 
 
+# ---------------------------------------------------------------------- ranking
+CELL_KEYS = ["model", "task", "kind"]
+
+
+def rank_in_cells(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """Rank of each row among the rows scoring the same configuration kind at the same budget
+    (same model and task): 1 = best in ``metric``'s direction, ties share the better rank."""
+    cell = budget_cell(frame)
+    ranks = frame.groupby([*(frame[k] for k in CELL_KEYS), cell], dropna=False)[metric].rank(
+        method="min", ascending=not metric_higher_is_better(metric)
+    )
+    return ranks.astype("Int64")
+
+
+def best_lines(frame: pd.DataFrame, metric: str) -> str:
+    """Per budget cell that two or more series score: the best series and how far the next one
+    is behind (in ``metric``'s own units)."""
+    f = frame[frame[metric].notna()].assign(_cell=budget_cell(frame))
+    many_settings = f[["model", "task"]].drop_duplicates().shape[0] > 1
+    lines = []
+    for (model, task, kind, cell), grp in f.groupby([*CELL_KEYS, "_cell"], sort=True):
+        if grp["series"].nunique() < 2:
+            continue
+        grp = grp.sort_values(metric, ascending=not metric_higher_is_better(metric), kind="stable")
+        best, nxt = grp.iloc[0], grp.iloc[1]
+        where = f"{model}/{task} " if many_settings else ""
+        lines.append(
+            f"* {where}{kind} @ {cell:g}: {best['series']} ({metric} {best[metric]:.4f}); "
+            f"next {nxt['series']} ({metric} {nxt[metric]:.4f}, "
+            f"{nxt[metric] - best[metric]:+.4f})"
+        )
+    if not lines:
+        return ""
+    return (
+        "\n".join(["", f"Best per budget ({metric}, {direction_text(metric)}):", "", *lines]) + "\n"
+    )
+
+
 # ---------------------------------------------------------------------- tables
 def table_columns(frame: pd.DataFrame, metric: str, aggregated: bool) -> list[str]:
     cols = ["series", "model", "task", "method", "variant", "kind", "budget", "avg_bits", metric]
-    cols += [f"{metric}_std", "n", "seeds"] if aggregated else []
+    cols += [f"{metric}_std"] if aggregated else []
+    cols += ["rank"] if "rank" in frame.columns else []
+    cols += ["n", "seeds"] if aggregated else []
     cols += ["fit_seconds", "steps"]
     cols += [] if aggregated else ["seed", "run"]
     if not frame["variant"].astype(bool).any():
@@ -308,25 +381,55 @@ def markdown_table(frame: pd.DataFrame, cols: list[str]) -> str:
     )
 
 
+def hypervolume_objective(values: pd.Series, metric: str) -> tuple[pd.Series, str]:
+    """The minimised second objective of the hypervolume and its name: ``1 − metric`` for a
+    higher-is-better metric; the metric itself for a lower-is-better one, on a log scale for
+    perplexity (``LOG_SCALE_METRICS``: log ppl = mean token NLL, so one collapsed configuration
+    at ppl 1e8 does not swamp the differences between the usable ones)."""
+    if metric_higher_is_better(metric):
+        return 1.0 - values, f"1 − {metric}"
+    if metric in LOG_SCALE_METRICS:
+        return np.log(values.astype(float)), f"log {metric}"
+    return values.astype(float), metric
+
+
 def hypervolume_lines(frame: pd.DataFrame, metric: str) -> str:
-    """Per series, the area its (average bits, error) points dominate -- error = 1 − metric --
-    up to a common reference (largest quantized average bits + 0.25, error 1). One number that
-    rewards accuracy at every budget and accuracy at fewer bits; larger is better."""
-    if metric in ("loss", "mse"):
-        return ""
+    """Per series, the area its (average bits, y) points dominate, both minimised, up to a
+    common reference: y = 1 − metric with reference 1 for a higher-is-better metric (error); for
+    a lower-is-better one y = the metric (log ppl for perplexity) with reference 1.1 × the
+    largest y over every series' points. Bits reference: largest quantized average bits + 0.25.
+    One number that rewards a good metric at every budget and at fewer bits; larger is better."""
     pts = frame[(frame["avg_bits"] < 16) & frame[metric].notna()]
+    y, name_y = hypervolume_objective(pts[metric], metric)
+    keep = np.isfinite(y)
+    pts, y = pts[keep], y[keep]
     if pts.empty:
         return ""
-
-    ref = (float(pts["avg_bits"].max()) + 0.25, 1.0)
+    bits_ref = float(pts["avg_bits"].max()) + 0.25
+    if metric_higher_is_better(metric):
+        y_ref, how = 1.0, "1.0"
+    else:
+        top = float(y.max())
+        rule = "1.1 × the largest" if top > 0 else "0.1 above the largest"
+        y_ref = 1.1 * top if top > 0 else top + 0.1
+        how = f"{y_ref:.4g} = {rule} {name_y}"
+    why = (
+        f" ({name_y} = mean token NLL, so a collapsed configuration's {metric} does not swamp "
+        "the area)"
+        if metric in LOG_SCALE_METRICS
+        else ""
+    )
     lines = [
         "",
-        f"Hypervolume of (average bits, 1 − {metric}), reference {ref[0]:.2f} bits / 1.0:",
+        f"Hypervolume of (average bits, {name_y}), both minimised{why}, reference "
+        f"{bits_ref:.2f} bits / {how}; larger is better:",
         "",
     ]
     for name, grp in pts.groupby("series", sort=True):
-        mine = list(zip(grp["avg_bits"], 1.0 - grp[metric], strict=True))
-        lines.append(f"* {name}: {hypervolume_2d(mine, ref):.4f} ({len(mine)} points)")
+        mine = list(zip(grp["avg_bits"], y[grp.index], strict=True))
+        lines.append(
+            f"* {name}: {hypervolume_2d(mine, (bits_ref, y_ref)):.4f} ({len(mine)} points)"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -11,11 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from coalora.data.metrics import LOG_SCALE_METRICS  # noqa: E402
 from coalora.io import atomic_write  # noqa: E402
 
 SKIP = {
-    "budget", "kind", "avg_bits", "adapt_ms", "seed", "fit_seconds", "run", "method", "model",
-    "task", "variant", "series", "steps", "shared", "source", "n", "seeds",
+    "budget", "label", "kind", "avg_bits", "switch_ms", "adapt_ms", "seed", "fit_seconds", "run",
+    "method", "model", "task", "variant", "series", "steps", "shared", "source", "n", "seeds",
+    "rank",
 }  # fmt: skip
 
 
@@ -32,7 +34,9 @@ def plot_metric_vs_bits(
     """``series``: name -> rows with ``avg_bits``, ``kind`` and metric columns.
 
     Seed-aggregated rows (a ``<metric>_std`` column) get a ± one-standard-deviation band;
-    ``references`` (name -> value, e.g. full-precision runs) are dotted horizontal lines."""
+    ``references`` (name -> value, e.g. full-precision runs) are dotted horizontal lines.
+    Perplexity (``LOG_SCALE_METRICS``) gets a log y-axis: a collapsed configuration's 1e8 would
+    flatten every other point on a linear one."""
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, value in (references or {}).items():
         ax.axhline(value, color="0.45", ls=":", lw=1.2, label=f"{name} (full precision)")
@@ -65,6 +69,8 @@ def plot_metric_vs_bits(
                 label=f"{name} (random near budget)",
             )
         ax.set_ylabel(key)
+        if key in LOG_SCALE_METRICS:
+            ax.set_yscale("log")
     ax.set_xlabel("average bits")
     return _finish(fig, ax, path)
 

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import runpy
 import sys
@@ -234,3 +235,122 @@ def test_job_zero_of_two_sweeps_stays_two_runs(tmp_path):
         "2026-12-01_10-00-00/0",
         "2026-12-01_11-00-00/0",
     ]
+
+
+# ---------------------------------------------------------------------- lower-is-better (LM)
+def lm_eval_run(path: Path, method: str, log_ppl: dict[float, float], **extra) -> Path:
+    """An evaluate.py run of a decoder: one allocation row per budget (avg_bits = budget) with
+    ppl = exp(log_ppl), nll = log_ppl, and an lm-eval zero-shot score (not the task metric)."""
+    rows = [
+        {"budget": b, "label": f"{b:g}", "kind": "allocation", "avg_bits": b, "switch_ms": 1.0,
+         "adapt_ms": 2.0, "ppl": math.exp(v), "nll": v, "arc_easy/acc": 0.9}
+        for b, v in log_ppl.items()
+    ]  # fmt: skip
+    path.mkdir(parents=True)
+    res = {"method": method, "model": "smollm2_135m", "task": "wikitext2", "rows": rows, **extra}
+    (path / "results.json").write_text(json.dumps(res))
+    return path
+
+
+def lm_pair(tmp_path: Path) -> list[Path]:
+    # coalora is better (lower ppl) at both budgets; qlora collapses at 2.5 bits
+    return [
+        lm_eval_run(tmp_path / "coa", "coalora", {2.5: 4.0, 3.0: 3.0}),
+        lm_eval_run(tmp_path / "ql", "qlora", {2.5: 10.0, 3.0: 3.5}),
+    ]
+
+
+def test_lm_runs_compare_on_perplexity_lower_is_better(tmp_path):
+    frame = C.load_frame(lm_pair(tmp_path))
+    assert C.primary_metric(frame) == "ppl"
+    assert "acc" not in frame.columns  # the zero-shot "arc_easy/acc" is not the task metric
+    ranks = frame.assign(rank=C.rank_in_cells(frame, "ppl")).set_index(["method", "budget"])
+    assert ranks.loc[("coalora", 2.5), "rank"] == 1 and ranks.loc[("qlora", 2.5), "rank"] == 2
+    assert ranks.loc[("coalora", 3.0), "rank"] == 1 and ranks.loc[("qlora", 3.0), "rank"] == 2
+    best = C.best_lines(frame, "ppl")
+    assert "Best per budget (ppl, lower is better)" in best
+    gap = math.exp(3.5) - math.exp(3.0)
+    assert f"* allocation @ 3: coalora (ppl {math.exp(3.0):.4f}); next qlora" in best
+    assert f"{gap:+.4f})" in best
+    # nll is lower-is-better too, without the log
+    assert C.rank_in_cells(frame, "nll").tolist() == C.rank_in_cells(frame, "ppl").tolist()
+
+
+def test_higher_is_better_metrics_still_rank_the_highest_first(tmp_path):
+    frame = C.load_frame([coalora_run(tmp_path / "a", accs=(0.80, 0.85)),
+                          coalora_run(tmp_path / "b", accs=(0.70, 0.90))])  # fmt: skip
+    ranked = frame.assign(rank=C.rank_in_cells(frame, "acc")).set_index(["run", "budget"])
+    assert ranked.loc[(str(tmp_path / "a"), 2.5), "rank"] == 1
+    assert ranked.loc[(str(tmp_path / "b"), 3.0), "rank"] == 1
+    assert "(acc, higher is better)" in C.best_lines(frame, "acc")
+
+
+def test_hypervolume_of_log_perplexity(tmp_path):
+    frame = C.load_frame(lm_pair(tmp_path))
+    text = C.hypervolume_lines(frame, "ppl")
+    # (bits, log ppl) minimised, reference (3.0 + 0.25, 1.1 × the largest log ppl = 11)
+    coa = (3.25 - 2.5) * (11 - 4.0) + (3.25 - 3.0) * (4.0 - 3.0)
+    ql = (3.25 - 2.5) * (11 - 10.0) + (3.25 - 3.0) * (10.0 - 3.5)
+    assert coa > ql  # the run with lower perplexity dominates more
+    assert f"* coalora: {coa:.4f} (2 points)" in text and f"* qlora: {ql:.4f} (2 points)" in text
+    assert "(average bits, log ppl)" in text and "11 = 1.1 × the largest log ppl" in text
+    # a lower-is-better metric without a log scale: the metric itself, reference 1.1 × its max
+    nll = C.hypervolume_lines(frame, "nll")
+    assert f"* coalora: {coa:.4f} (2 points)" in nll and "(average bits, nll)" in nll
+
+
+def test_compare_script_on_decoder_runs(tmp_path, monkeypatch):
+    out = compare(tmp_path, monkeypatch, runs_arg(lm_pair(tmp_path)))
+    table = pd.read_csv(out / "comparison.csv")
+    assert "ppl" in table.columns and "rank" in table.columns
+    assert table.set_index(["method", "budget"]).loc[("coalora", 2.5), "rank"] == 1
+    text = (out / "comparison.md").read_text()
+    assert "Best per budget (ppl, lower is better)" in text and "log ppl" in text
+    assert (out / "ppl_vs_bits.png").stat().st_size > 1000
+
+
+def test_unknown_metric_is_refused(tmp_path):
+    frame = C.load_frame(lm_pair(tmp_path))
+    with pytest.raises(ConfigError, match="metric='bleu' is not allowed"):
+        C.primary_metric(frame, "bleu")
+
+
+@pytest.mark.parametrize(("metric", "scale"), [("ppl", "log"), ("acc", "linear")])
+def test_perplexity_plot_has_a_log_axis(tmp_path, monkeypatch, metric, scale):
+    from coalora.report import plots
+
+    axes = []
+    subplots = plots.plt.subplots
+
+    def spy(*args, **kwargs):
+        fig, ax = subplots(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plots.plt, "subplots", spy)
+    values = (2.0e8, 40.0) if metric == "ppl" else (0.5, 0.8)
+    rows = [{"avg_bits": b, "kind": "allocation", metric: v} for b, v in zip((2.5, 3.0), values)]
+    plots.plot_metric_vs_bits({"m": rows}, tmp_path / "p.png")  # metric picked from the rows
+    assert axes[0].get_yscale() == scale
+
+
+def test_metric_directions_agree_with_the_task_configs():
+    from omegaconf import OmegaConf
+
+    from coalora.data.metrics import (
+        METRIC_HIGHER_IS_BETTER,
+        higher_is_better,
+        metric_higher_is_better,
+        monitor_key,
+    )
+
+    tasks = sorted((SCRIPT.parents[1] / "conf" / "task").glob("*.yaml"))
+    assert len(tasks) >= 10
+    for path in tasks:
+        task = OmegaConf.load(path)
+        assert metric_higher_is_better(monitor_key(task, prefix="")) == higher_is_better(task)
+    assert {k for k, up in METRIC_HIGHER_IS_BETTER.items() if not up} == {
+        "ppl", "nll", "loss", "mse"
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="direction is unknown"):
+        metric_higher_is_better("bleu")
