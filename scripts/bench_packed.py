@@ -25,9 +25,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -53,7 +50,17 @@ from coalora.quant import (
     resident_weight_bytes,
     set_model_config,
 )
-from coalora.report.bench import emit_markdown, header_lines
+from coalora.report.bench import (
+    emit_markdown,
+    header_lines,
+    interleaved,
+    measure_peak_rss,
+    median_ms,
+    paired_ratio,
+    repo_command,
+    run_json_child,
+    status_kb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
@@ -126,17 +133,6 @@ def train_step(model, opt, b) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4)
-    return q[0], q[2]
-
-
-def median_ms(xs: list[float]) -> float:
-    return round(statistics.median(xs) * 1e3, 2)
-
-
 def part_bytes(configs) -> list[dict]:
     rows = []
     for b, config in configs.items():
@@ -180,24 +176,16 @@ def part_speed(configs, reps: int, seqs: list[int], budgets: list[float]) -> lis
             config = configs[budget]
             for name in ("packed", "dequantized"):
                 set_model_config(variants[name][0], config)
-            times: dict[str, list[float]] = {k: [] for k in variants}
-            cpu: dict[str, list[float]] = {k: [] for k in variants}  # process CPU time
-            order = list(variants)
-            for v in order:  # warm-up
-                train_step(variants[v][0], variants[v][2], b)
-            for r in range(reps):
-                for v in order[r % 3 :] + order[: r % 3]:  # rotate: no variant always first
-                    model, _, opt = variants[v]
-                    t, c = time.perf_counter(), time.process_time()
-                    train_step(model, opt, b)
-                    times[v].append(time.perf_counter() - t)
-                    cpu[v].append(time.process_time() - c)
+            steps = {
+                v: (lambda m=m, o=o, b=b: train_step(m, o, b)) for v, (m, _, o) in variants.items()
+            }
+            times, cpu = interleaved(steps, reps)  # cpu: process CPU time
             row = {"seq": seq, "batch": 32, "budget": budget, "reps": reps}
             row.update({f"{v}_ms": median_ms(t) for v, t in times.items()})
             row["packed_over_dequantized"] = round(row["packed_ms"] / row["dequantized_ms"], 4)
-            paired = sorted(p / d for p, d in zip(times["packed"], times["dequantized"]))
-            row["paired_ratio_median"] = round(statistics.median(paired), 4)  # same round
-            row["paired_ratio_q25_q75"] = [round(q, 4) for q in _quartiles(paired)]
+            paired = paired_ratio(times["packed"], times["dequantized"])  # same round
+            row["paired_ratio_median"] = paired["paired_median"]
+            row["paired_ratio_q25_q75"] = [paired["paired_q25"], paired["paired_q75"]]
             row.update({f"{v}_cpu_ms": median_ms(t) for v, t in cpu.items()})
             row["cpu_ratio"] = round(row["packed_cpu_ms"] / row["dequantized_cpu_ms"], 4)
             rows.append(row)
@@ -253,13 +241,7 @@ def part_layers(reps: int, tokens: int = 2048) -> list[dict]:
             def run_packed(x=x, p=p, gy=gy):
                 torch.autograd.grad(packed_linear(x, p), x, gy)
 
-            times = {"dense": [], "packed": []}
-            run_dense(), run_packed()
-            for r in range(reps):
-                for name, fn in (("dense", run_dense), ("packed", run_packed))[:: 1 - 2 * (r % 2)]:
-                    t = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t)
+            times, _ = interleaved({"dense": run_dense, "packed": run_packed}, reps)
             row = {"shape": [d_out, d_in], "tokens": tokens, "config": qc.key}
             row.update({f"{k}_ms": median_ms(v) for k, v in times.items()})
             row["ratio"] = round(row["packed_ms"] / row["dense_ms"], 4)
@@ -342,15 +324,7 @@ def part_deploy(configs, reps: int, seq: int = 64) -> dict:
     b.pop("labels")
     with torch.no_grad():
         diff = (served(**b).logits - train_time(**b).logits).abs().max().item()
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for m in variants.values():
-            m(**b)
-        for r in range(reps):
-            order = list(variants)
-            for v in order[r % len(order) :] + order[: r % len(order)]:
-                t = time.perf_counter()
-                variants[v](**b)
-                times[v].append(time.perf_counter() - t)
+        times, _ = interleaved({k: (lambda m=m: m(**b)) for k, m in variants.items()}, reps)
     latency = {k: median_ms(v) for k, v in times.items()}
     print(latency, flush=True)
     import shutil
@@ -366,17 +340,10 @@ def part_deploy(configs, reps: int, seq: int = 64) -> dict:
     }
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
-
-
 def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
     """One variant's training steps; prints a JSON line with its memory numbers (KiB)."""
     configs = allocations(cache_dir)
-    rss_start = _status_kb("VmRSS")
+    rss_start = status_kb("VmRSS")
     storage = None if variant == "fp" else variant.split("_")[0]
     multi = variant.endswith("_multi")
     model, names, opt = lora_model(storage, None if storage is None else configs[3.0])
@@ -388,17 +355,14 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
     if multi:  # first use of every configuration before the measured steps
         for config in cycle:
             set_model_config(model, config)
-    rss_setup = _status_kb("VmRSS")
-    peak_setup = _status_kb("VmHWM")  # per address space: not inherited from the parent
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the steps' own peak
-        reset = True
-    except OSError:
-        reset = False
-    for i in range(steps):
-        if multi:
-            set_model_config(model, cycle[i % len(cycle)])
-        train_step(model, opt, b)
+
+    def run_steps() -> None:
+        for i in range(steps):
+            if multi:
+                set_model_config(model, cycle[i % len(cycle)])
+            train_step(model, opt, b)
+
+    memory = measure_peak_rss(run_steps)  # VmHWM of the steps alone, and of the process
     weights = resident_weight_bytes(model)
     caches = {id(m.cache): m.cache for m in model.modules() if hasattr(m, "cache")}
     weights["cache"] = sum(c.nbytes for c in caches.values())  # every cached option
@@ -409,10 +373,7 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
                 "steps": steps,
                 "seq": seq,
                 "rss_start_kb": rss_start,
-                "rss_after_setup_kb": rss_setup,
-                "peak_setup_kb": peak_setup,
-                "peak_steps_kb": _status_kb("VmHWM") if reset else None,
-                "peak_process_kb": max(peak_setup, _status_kb("VmHWM")),
+                **memory,
                 "weight_bytes": weights,
             }
         ),
@@ -422,12 +383,9 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
 
 def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for variant in RSS_VARIANTS:
-        cmd = [sys.executable, __file__, "--rss-child", variant, "--steps", str(steps)]
-        cmd += ["--rss-seq", str(seq), "--cache-dir", str(cache_dir)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        cmd = [__file__, "--rss-child", variant, "--steps", str(steps)]
+        row = run_json_child([*cmd, "--rss-seq", str(seq), "--cache-dir", str(cache_dir)])
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -609,20 +567,10 @@ def main() -> None:
     if "rss" in parts:
         results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cmdline = "OMP_NUM_THREADS=1 python scripts/bench_packed.py " + " ".join(sys.argv[1:])
+    command = repo_command(ROOT)
     meta = results.setdefault("meta", {})
     for part in parts:
-        meta[part] = {"date": stamp, "command": cmdline}
-    command = "OMP_NUM_THREADS=1 python " + " ".join(
-        [
-            str(
-                Path(sys.argv[0]).relative_to(ROOT)
-                if sys.argv[0].startswith(str(ROOT))
-                else sys.argv[0]
-            ),
-            *sys.argv[1:],
-        ]
-    )
+        meta[part] = {"date": stamp, "command": command}
     lines = markdown(results, command)
     atomic_write_json(json_path, {"header": lines[:5], "results": results})
     emit_markdown(lines, args.out.with_suffix(".md"))

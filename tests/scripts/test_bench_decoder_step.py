@@ -1,0 +1,100 @@
+"""scripts/bench_decoder_step.py on tiny_llama: every variant trains (its first step is checked
+and the loss falls on the repeated batch), the interleaved times give paired ratios, the deploy
+export serves the training-time logits, the memory rows split resident vs packed bytes, and the
+step check fails for a variant that does not train."""
+
+from __future__ import annotations
+
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "bench_decoder_step.py"
+# a 12-option space keeps the error table and the MILPs of the CoA-LoRA pool to a second
+SMALL_SPACE = ["quant.space.bits0=[8]", "quant.space.dtype1=[fp32]", "quant.space.block1=[256]"]
+
+
+@pytest.fixture(scope="module")
+def bench() -> dict:
+    return runpy.run_path(str(SCRIPT))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-step-cache")
+
+
+def common(cache: Path) -> list[str]:
+    args = ["--model", "tiny_llama", "--batch", "2", "--seq", "32", "--pool", "3.0,4.0,0.5"]
+    args += ["--cache-dir", str(cache), "--data-dir", str(ROOT / "tests" / "fixtures")]
+    return args + [x for o in SMALL_SPACE for x in ("--override", o)]
+
+
+def test_every_variant_trains_and_is_timed(bench, cache, tmp_path):
+    variants = ["coalora", "qlora_packed", "qlora_dequantized", "lora"]
+    if bench["bnb_cpu_status"]() is None:  # bitsandbytes runs on this CPU
+        variants.append("peft_bnb")
+    out = tmp_path / "bench"
+    res = bench["main"](
+        [*common(cache), "--reps", "1", "--parts", "speed,infer", "--variants",
+         ",".join(variants), "--out", str(out)]
+    )  # fmt: skip
+    speed = res["speed"]["variants"]
+    assert list(speed) == variants
+    for name, r in speed.items():
+        c = r["check"]
+        assert math.isfinite(c["loss"]) and c["grad_norm"] > 0 and c["moved"] > 0, name
+        assert len(r["losses"]) == len(r["wall_s"]) + 1 == 2  # checked warm-up + 1 round
+        if name != "coalora":  # same batch, same base: one AdamW step lowers the loss
+            assert r["losses"][1] < r["losses"][0], name
+    lora_params = {speed[v]["check"]["trainable_params"] for v in variants if v != "coalora"}
+    assert len(lora_params) == 1  # PEFT and coalora inject the same r=8 LoRA
+    assert speed["coalora"]["check"]["trainable_params"] > lora_params.pop()  # + the mapper
+    if "peft_bnb" in speed:
+        assert "14 Linear4bit layers" in speed["peft_bnb"]["notes"]
+    pair = next(p for p in res["speed"]["pairs"] if (p["a"], p["b"]) == ("qlora_packed", "qlora_dequantized"))  # fmt: skip
+    assert pair["goal"] == 1.15 and pair["paired_median"] > 0
+    infer = res["infer"]
+    assert infer["max_abs_logit_diff_deploy_vs_training"] < 1e-4
+    assert {"deploy_packed_3.0", "coalora_training_3.0", "qlora_packed_nf4"} <= set(
+        infer["median_ms"]
+    )
+    md = out.with_suffix(".md").read_text()
+    assert "load average: start" in md and "| qlora_packed / qlora_dequantized |" in md
+    assert out.with_suffix(".json").exists()
+
+
+def test_memory_rows_split_resident_and_packed_bytes(bench, cache, tmp_path):
+    out = tmp_path / "rss"
+    res = bench["main"](
+        [*common(cache), "--steps", "1", "--parts", "rss", "--rss-variants", "qlora_packed_drop",
+         "--out", str(out)]
+    )  # fmt: skip
+    dropped = res["rss"][0]  # measured in a child process
+    args = bench["parse_args"]([*common(cache), "--steps", "1"])
+    args.tmp = tmp_path
+    kept = bench["rss_row"]("qlora_packed", args)["weights"]  # in process
+    w = dropped["weights"]
+    assert kept["original"] > 0 and w["original"] == 0  # the training path keeps the original
+    assert w["base_resident_bytes"] == kept["base_resident_bytes"] - kept["original"]
+    assert w["resident_over_packed"] == pytest.approx(1.0, abs=0.02)
+    assert dropped["peak_process_kb"] > 0 and dropped["rss_anon_end_kb"] > 0
+    assert dropped["check"]["moved"] > 0 and len(dropped["losses"]) == 1
+    assert "| qlora_packed_drop |" in out.with_suffix(".md").read_text()
+
+
+def test_the_step_check_fails_when_a_variant_does_not_train(bench, cache, tmp_path):
+    args = bench["parse_args"](common(cache))
+    args.tmp = tmp_path
+    batch = bench["wikitext_batch"](args)
+    tr = bench["build"]("qlora_packed", args)
+    for group in tr.opt.param_groups:
+        group["lr"] = 0.0
+    with pytest.raises(AssertionError, match="moved no parameter"):
+        tr.step(batch, check=True)
+    tr.model.get_input_embeddings().weight.requires_grad_(True)  # a base weight trains
+    with pytest.raises(AssertionError, match="frozen parameters got gradients"):
+        tr.step(batch, check=True)
