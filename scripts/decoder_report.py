@@ -53,6 +53,13 @@ class Run:
         info = path / "run.json"
         self.info = json.loads(info.read_text()) if info.is_file() else {}
         self.rows = {self.column(r): r for r in self.results["rows"]}
+        # allocation column by budget (a per-budget run labels its column with its own average
+        # bits, e.g. "2.9987"; every multi-configuration run uses the budget, e.g. "3")
+        self.alloc = {
+            round(float(r["budget"]), 1): c
+            for c, r in self.rows.items()
+            if r["kind"] == "allocation"
+        }
         with open(path / "predictions.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         self.blocks = [int(r["example"]) for r in rows]
@@ -98,19 +105,19 @@ def fmt(v: float | None) -> str:
     return f"{v:,.1f}" if v >= 100 else f"{v:.2f}"
 
 
-def cell(runs: list[Run], column: str) -> str:
-    vals = [p for p in (r.ppl(column) for r in runs) if p is not None]
+def cell(runs: list[Run], column: str | float) -> str:
+    """Perplexity of ``column`` (a budget: that budget's allocation) over ``runs``."""
+    vals = [
+        p
+        for p in (r.ppl(r.alloc.get(round(column, 1), "")) if isinstance(column, float)
+                  else r.ppl(column) for r in runs)
+        if p is not None
+    ]  # fmt: skip
     if not vals:
         return "—"
     if len(vals) == 1:
         return fmt(vals[0])
     return f"{fmt(statistics.mean(vals))} ({' / '.join(fmt(v) for v in vals)})"
-
-
-def budget_column(run: Run, budget: float) -> str | None:
-    """The allocation column of ``run`` at ``budget`` (a per-budget run has only its own)."""
-    col = f"{budget:g}"
-    return col if col in run.rows else None
 
 
 def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
@@ -135,7 +142,7 @@ def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
         for b in BUDGETS:
             rs = series_runs(runs, pattern, b)
             names.update(r.name for r in rs)
-            cells.append(cell(rs, f"{b:g}"))
+            cells.append(cell(rs, b))
         if names:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(sorted(names))} |")
         else:
@@ -185,20 +192,20 @@ def paired_lines(runs: dict[str, Run], reps: int) -> list[str]:
             (f"shared_lora_evalonly_s{seed}", "Shared-LoRA (4 budgets)"),
         ):
             if other in runs:
-                pairs += [(run, runs[other], label, seed, c) for c in run.nll if c in runs[other].nll]
+                pairs += [
+                    (run, runs[other], label, seed, (c, c)) for c in run.nll if c in runs[other].nll
+                ]
         for b in BUDGETS:
             q = runs.get(f"qlora_b{b:.1f}")
-            if q is not None and f"{b:g}" in q.nll:
-                pairs.append((run, q, "QLoRA (per budget)", seed, f"{b:g}"))
-                # the per-budget adapter is scored at its own budget; a held-out configuration
-                # is compared with it too (what a per-budget user would deploy there)
-    for a, b, label, seed, col in pairs:
+            if q is not None and q.alloc.get(b) in q.nll:
+                pairs.append((run, q, "QLoRA (per budget)", seed, (f"{b:g}", q.alloc[b])))
+    for a, b, label, seed, (col, col_b) in pairs:
         if a.blocks != b.blocks or not torch.equal(a.tokens, b.tokens):
             raise SystemExit(f"error: {a.name} and {b.name} scored different blocks")
-        d = paired_bootstrap_perplexity(a.nll[col], b.nll[col], a.tokens, n_resamples=reps)
+        d = paired_bootstrap_perplexity(a.nll[col], b.nll[col_b], a.tokens, n_resamples=reps)
         lines.append(
             f"| {label} | {seed} | {col} | {fmt(perplexity(a.nll[col], a.tokens))} | "
-            f"{fmt(perplexity(b.nll[col], b.tokens))} | {d['diff']:+.3g} | "
+            f"{fmt(perplexity(b.nll[col_b], b.tokens))} | {d['diff']:+.3g} | "
             f"[{d['low']:+.3g}, {d['high']:+.3g}] | {d['p_not_lower']:.3f} |"
         )
     return lines
@@ -241,12 +248,14 @@ def plot(runs: dict[str, Run], base: dict | None, path: Path) -> None:
         for b in BUDGETS:
             for r in series_runs(runs, pattern, b):
                 for col, row in r.rows.items():
-                    if col == f"{b:g}" or col == f"{b:g}-random0":
-                        rows.append({"avg_bits": row["avg_bits"], "kind": row["kind"], "ppl": row["ppl"]})
+                    if col in (r.alloc.get(b), f"{b:g}-random0"):
+                        rows.append(
+                            {"avg_bits": row["avg_bits"], "kind": row["kind"], "ppl": row["ppl"]}
+                        )
         if rows:
             series[label.split(") ", 1)[-1]] = rows
     refs = {"LoRA": runs["lora"].ppl("32")} if "lora" in runs else None
-    plot_metric_vs_bits(series, path, metric="ppl", references=refs, log_y=True)
+    plot_metric_vs_bits(series, path, metric="ppl", references=refs)
 
 
 def main() -> None:

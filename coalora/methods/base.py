@@ -26,6 +26,7 @@ from coalora.quant import (
     ModelQuantConfig,
     QuantSettings,
     fisher_diagonal,
+    freeze_model,
     model_weights,
     quantize_model,
 )
@@ -132,6 +133,17 @@ class Method:
         self.build_base(model, ctx)
         self.inject_adapters(model, ctx)
         self.freeze(model, ctx)
+        self.release_original(model, ctx)
+
+    def release_original(self, model: nn.Module, ctx: MethodContext) -> None:
+        """With packed storage, pin the one trained configuration's packed entries and free the
+        full-precision originals: a fixed-configuration method never quantizes anything else,
+        so the base's resident weights are the packed size (docs/packed.md)."""
+        if getattr(self, "config", None) is None or ctx.quant.storage != "packed":
+            return
+        layers = getattr(self, "qlayers", None)
+        if layers:
+            freeze_model(model, [self.config], keep_original="drop", layers=layers)
 
     def build_base(self, model: nn.Module, ctx: MethodContext) -> None:
         """Quantize the target linears per the quant settings (no-op for ``quant=none``)."""
@@ -148,7 +160,7 @@ class Method:
         fisher = calibration_fisher(model, ctx, q.fisher_examples) if q.needs_fisher else None
         self.config = q.base_config(weights, None, ctx.cache_dir, ctx.model_name, fisher)
         self.cache = q.build_cache()
-        quantize_model(model, self.names, self.config, self.cache)
+        self.qlayers = quantize_model(model, self.names, self.config, self.cache)
 
     def inject_adapters(self, model: nn.Module, ctx: MethodContext) -> None:
         c = self.cfg

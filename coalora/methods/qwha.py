@@ -138,6 +138,7 @@ class QWHA(Method):
         if grams is not None:
             self._initialize(grams)
         self.freeze(model, ctx)
+        self.release_original(model, ctx)
 
     @torch.no_grad()
     def _collect_grams(self, model: nn.Module, ctx: MethodContext) -> dict[str, Tensor]:
