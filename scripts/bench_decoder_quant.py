@@ -25,10 +25,9 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 
-from coalora.data.metrics import block_nll, bootstrap_perplexity, perplexity
+from coalora.data.metrics import bootstrap_perplexity, corpus_nll, perplexity
 from coalora.io import atomic_write_json
 from coalora.models import build_tokenizer
 from coalora.quant import ModelQuantConfig, QuantSpace, model_weights, quantize_model
@@ -37,17 +36,6 @@ from coalora.report.bench import header_lines
 from coalora.stages.build import build_backbone, build_datamodule, method_context
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@torch.no_grad()
-def eval_ppl(model, loader) -> tuple[float, list[float], list[int]]:
-    nll, tokens = [], []
-    for batch in loader:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        n, t = block_nll(out.logits, batch["labels"], batch["attention_mask"])
-        nll += n.tolist()
-        tokens += t.tolist()
-    return perplexity(torch.tensor(nll), torch.tensor(tokens)), nll, tokens
 
 
 def main() -> None:
@@ -81,8 +69,9 @@ def main() -> None:
 
     def score(name: str, config) -> None:
         quantize_model(model, ctx.names, config)
-        ppl, nll, tokens = eval_ppl(model, loader)
-        lo, hi = bootstrap_perplexity(torch.tensor(nll), torch.tensor(tokens))
+        nll, tokens = corpus_nll(model, loader)
+        ppl = perplexity(nll, tokens)
+        lo, hi = bootstrap_perplexity(nll, tokens)
         bits = 32.0 if config is None else config.average_bits()
         rows.append({"config": name, "avg_bits": bits, "ppl": ppl, "ci95": [lo, hi]})
         print(f"{name} ({bits:.3f} bits): ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]", flush=True)

@@ -44,6 +44,7 @@ from coalora.errors import ConfigError
 __all__ = [
     "BlockNLL",
     "block_nll",
+    "corpus_nll",
     "bootstrap_perplexity",
     "build_lm_metrics",
     "build_metrics",
@@ -201,6 +202,20 @@ def block_nll(
         reduction="none",
     ).view_as(target)  # (B, T-1)
     return (nll * keep).sum(-1), keep.sum(-1)
+
+
+@torch.no_grad()
+def corpus_nll(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block summed NLL and scored tokens of a causal LM over an LM loader's blocks (the
+    numbers ``val/ppl`` is computed from), for models outside a LightningModule (a deployed
+    export, a bare quantized base)."""
+    nll, tokens = [], []
+    for batch in loader:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        n, t = block_nll(out.logits, batch["labels"], batch["attention_mask"])
+        nll.append(n)
+        tokens.append(t)
+    return torch.cat(nll), torch.cat(tokens)
 
 
 def perplexity(nll_sum: torch.Tensor, tokens: torch.Tensor) -> float:

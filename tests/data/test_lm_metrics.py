@@ -12,6 +12,7 @@ from coalora.data.metrics import (
     block_nll,
     bootstrap_perplexity,
     build_metrics,
+    corpus_nll,
     higher_is_better,
     monitor_key,
     paired_bootstrap_perplexity,
@@ -67,6 +68,21 @@ def test_equals_the_model_loss_on_full_blocks():
         out = model(input_ids=ids, labels=ids)
     nll, n = block_nll(out.logits, ids)
     assert perplexity(nll, n) == pytest.approx(math.exp(out.loss.item()), rel=1e-5)
+
+
+def test_corpus_nll_over_a_loader_equals_the_model_loss():
+    model = build_causal_lm(load("model", "tiny_llama"), seed=0).eval()
+    ids = torch.randint(5, 1000, (4, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    loader = [
+        {"input_ids": ids[:3], "attention_mask": mask[:3], "labels": ids[:3]},
+        {"input_ids": ids[3:], "attention_mask": mask[3:], "labels": ids[3:]},
+    ]
+    nll, tokens = corpus_nll(model, loader)
+    assert nll.shape == (4,) and tokens.tolist() == [11] * 4
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert perplexity(nll, tokens) == pytest.approx(math.exp(loss.item()), rel=1e-5)
 
 
 def test_metric_collection_accumulates_blocks():
