@@ -29,8 +29,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
 # the same forward/backward passes as one per-budget run); validation only at the last step, on
 # one batch (the reported numbers come from evaluate.py on 32 test blocks).
 COMMON=(model=smollm2_135m task=wikitext2 "data.batch_size=$BATCH" data.eval_batch_size=8
-  "method.max_steps=$STEPS" "method.val_check_interval=$STEPS" "method.lr=$LR"
-  trainer.limit_val_batches=1 final_eval=false)
+  "method.lr=$LR" trainer.limit_val_batches=1 final_eval=false)
 BUDGETS="[2.5,3.0,3.5,4.0]"
 # the multi-configuration methods' training pool: allocations every 0.25 bits over 2.25-4.5
 MULTI=(method.configs_per_step=1 "method.eval_budgets=$BUDGETS" method.pool.start=2.25
@@ -40,6 +39,10 @@ overrides() {  # run name -> its Hydra overrides (one per line)
   local name=$1 seed=42
   case $name in *_s[0-9]*) seed=${name##*_s} ;; esac
   printf '%s\n' "seed=$seed"
+  # <method>_x4_s<seed>: 4x the steps, the compute of the four per-budget runs together
+  local steps=$STEPS
+  case $name in *_x4_s*) steps=$((4 * STEPS)) name=${name/_x4/} ;; esac
+  printf '%s\n' "method.max_steps=$steps" "method.val_check_interval=$steps"
   case $name in
     lora) echo method=lora ;;
     qlora_b* | lq_lora_b* | qwha_b*)
@@ -59,7 +62,8 @@ overrides() {  # run name -> its Hydra overrides (one per line)
 if [[ "${1:-}" == --list ]]; then
   echo lora qlora_b{2.5,3.0,3.5,4.0} lq_lora_b{2.5,3.0} qwha_b{2.5,3.0} \
     shared_lora_s{42,43} shared_lora_evalonly_s{42,43} coalora_s{42,43} \
-    coalora_r32_s42 shared_lora_r32_s42
+    coalora_r32_s42 shared_lora_r32_s42 coalora_x4_s42 shared_lora_x4_s42 \
+    shared_lora_evalonly_x4_s42
   exit 0
 fi
 
