@@ -1,27 +1,35 @@
-"""Benchmark packed vs dequantized quantized storage on the embedded MiniLM-L6 (docs/packed.md).
+"""Benchmark packed vs dequantized quantized storage on one model of conf/model (docs/packed.md).
 
-One run measures, on the allocations at 2.5/3.0/3.5/4.0 average bits (MILP over the 432-option
-grid, error table cached under --cache-dir):
+``--model`` (default ``minilm_l6``): an encoder is built with a 2-label classification head, a
+decoder (``model.kind: decoder``, e.g. ``smollm2_135m``) with ``build_causal_lm``; the targets are
+the ``model.target_modules`` linears. One run measures, on the allocations at 2.5/3.0/3.5/4.0
+average bits (MILP over the 432-option grid through ``coalora.quant.build.allocations``: error
+table and allocations cached under --cache-dir, shared with training):
 
 * bytes: the resident weight bytes of a model frozen on one configuration (original dropped) vs
   the storage formula (average bits × target parameters / 8 + every non-target weight);
-* speed: forward+backward+AdamW step time of LoRA (r=8) on the packed, dequantized and
-  full-precision base, interleaved round-robin in one process (the machine is shared), medians;
-* switch: the time to switch all 36 layers between cached configurations (and first use);
-* layers: one linear's forward+backward at several shapes (per model size);
-* rss: peak RSS of a fixed number of training steps, each variant in its own process
-  (``VmHWM`` through setup, then reset through ``/proc/self/clear_refs`` for the steps alone;
-  ``ru_maxrss`` is not used: Linux carries the parent's peak over ``fork`` + ``exec``).
+* switch: the time to switch every target layer between cached configurations (and first use);
+* deploy: the packed export on disk and ``deploy.load``-ed vs the formula, one export shared by
+  the four configurations, and no-grad latency of ``deploy.load`` vs the training-time model vs
+  bitsandbytes NF4 on the same ``--batch`` × ``--seq`` input (token ids drawn in the vocabulary);
+* layers: one linear's forward+backward at several shapes (MiniLM: fixed shapes up to
+  2048 × 2048; other models: their distinct target shapes);
+* speed (MiniLM only): forward+backward+AdamW step time of LoRA (r=8) on the packed, dequantized
+  and full-precision base, interleaved round-robin in one process (the machine is shared);
+* rss (MiniLM only): peak RSS of a fixed number of training steps, each variant in its own
+  process (``VmHWM`` through setup, then reset through ``/proc/self/clear_refs`` for the steps
+  alone; ``ru_maxrss`` is not used: Linux carries the parent's peak over ``fork`` + ``exec``).
+  Decoders: scripts/bench_decoder_step.py measures their training step time and peak RSS.
 
-Writes docs/results/packed_minilm.{json,md}.
+Writes docs/results/packed_<model>.{json,md} (packed_minilm, packed_smollm2 for the two).
 
-    OMP_NUM_THREADS=1 python scripts/bench_packed.py [--reps 7] [--parts bytes,speed,...]
+    OMP_NUM_THREADS=1 python scripts/bench_packed.py [--model smollm2_135m] [--reps 7] \\
+        [--parts bytes,switch,deploy]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -30,16 +38,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
+from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
+from coalora.models import build_causal_lm, build_model, model_kind, target_names
+from coalora.models.gguf import model_config
 from coalora.quant import (
     NF3,
     NF4,
     DequantCache,
     ModelQuantConfig,
     QuantSpace,
-    allocate,
-    cached_error_table,
     formula_weight_bytes,
     freeze_model,
     model_weights,
@@ -50,6 +60,7 @@ from coalora.quant import (
     resident_weight_bytes,
     set_model_config,
 )
+from coalora.quant.build import allocations as shared_allocations
 from coalora.report.bench import (
     emit_markdown,
     header_lines,
@@ -57,49 +68,63 @@ from coalora.report.bench import (
     measure_peak_rss,
     median_ms,
     paired_ratio,
+    read_part_results,
     repo_command,
     run_json_child,
+    safetensors_data_bytes,
+    stamp_parts,
     status_kb,
+    table_section,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 PARTS = ("bytes", "speed", "switch", "layers", "rss", "deploy")
+MINILM_ONLY = ("speed", "rss")  # LoRA training through the classification head
 RSS_VARIANTS = ("fp", "dequantized", "packed", "dequantized_multi", "packed_multi")
 OUT = ROOT / "docs" / "results"
+# conf/model name -> (results file stem, title); other models use their name for both
+NAMES = {"minilm_l6": ("minilm", "MiniLM-L6"), "smollm2_135m": ("smollm2", "SmolLM2-135M")}
+MINILM_SHAPES = [(384, 384), (1536, 384), (384, 1536), (2048, 2048)]
 
 
-def load_minilm():
-    from omegaconf import OmegaConf
+def model_cfg(name: str, cache_dir: Path):
+    """``conf/model/<name>.yaml`` (an unknown name lists the allowed ones) with
+    ``paths.cache_dir`` = ``cache_dir`` (decoders convert and keep their weights there)."""
+    raw = OmegaConf.to_container(model_config(name), resolve=False)
+    return OmegaConf.create({"paths": {"cache_dir": str(cache_dir)}, "model": raw}).model
 
-    from coalora.models.loading import build_model, target_names
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "minilm_l6.yaml")
-    model = build_model(cfg, num_labels=2, seed=0)
+def is_decoder(cfg) -> bool:
+    return model_kind(cfg) == "decoder"
+
+
+def load_model(cfg):
+    """(model, target names): a decoder LM, or an encoder with a 2-label head, seed 0."""
+    if is_decoder(cfg):
+        model = build_causal_lm(cfg, seed=0)
+    else:
+        model = build_model(cfg, num_labels=2, seed=0)
     return model, target_names(model, list(cfg.target_modules))
 
 
-def allocations(cache_dir: Path) -> dict[float, ModelQuantConfig]:
-    """The four budgets' allocations, cached as JSON next to the error table."""
-    path = cache_dir / "packed-bench-allocations-minilm_l6.json"
-    if path.exists():
-        data = json.loads(path.read_text())
-        return {float(b): ModelQuantConfig.from_dict(d) for b, d in data.items()}
-    model, names = load_minilm()
+def allocations(cfg, cache_dir: Path) -> dict[float, ModelQuantConfig]:
+    """The four budgets' MILP allocations (default space) through the shared on-disk cache.
+    For MiniLM these are the configurations of the former ``allocate`` path (same table, space
+    and solver; checked configuration by configuration)."""
+    model, names = load_model(cfg)
     weights = model_weights(model, names)
-    space = QuantSpace()
-    table = cached_error_table(weights, space, cache_dir, "minilm_l6")
-    out = {b: allocate(weights, b, space, table=table) for b in BUDGETS}
-    atomic_write_json(path, {str(b): c.to_dict() for b, c in out.items()})
-    return out
+    return shared_allocations(
+        weights, list(BUDGETS), QuantSpace(), cache_dir, str(cfg.name), "milp"
+    )
 
 
-def lora_model(storage: str | None, config: ModelQuantConfig | None, rank: int = 8):
-    """MiniLM with LoRA on every target; base quantized with ``storage`` (None = fp)."""
+def lora_model(cfg, storage: str | None, config: ModelQuantConfig | None, rank: int = 8):
+    """The (encoder) model with LoRA on every target; base quantized with ``storage``."""
     from coalora.adapters.inject import inject
     from coalora.adapters.lora import LoRALinear
 
-    model, names = load_minilm()
+    model, names = load_model(cfg)
     if storage is not None:
         quantize_model(model, names, config, DequantCache(storage=storage))
     for p in model.parameters():
@@ -117,8 +142,12 @@ def lora_model(storage: str | None, config: ModelQuantConfig | None, rank: int =
     return model, names, torch.optim.AdamW(params, lr=1e-4)
 
 
-def batch(seq: int, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+def batch(seq: int, size: int = 32, seed: int = 0, vocab: int | None = None) -> dict:
+    """Random token ids; ``vocab`` (decoders): ids in [0, vocab) and no labels."""
     g = torch.Generator().manual_seed(seed)
+    if vocab is not None:
+        ids = torch.randint(0, vocab, (size, seq), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return {
         "input_ids": torch.randint(1000, 29000, (size, seq), generator=g),
         "attention_mask": torch.ones(size, seq, dtype=torch.long),
@@ -133,29 +162,22 @@ def train_step(model, opt, b) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def part_bytes(configs) -> list[dict]:
+def part_bytes(cfg, configs) -> list[dict]:
     rows = []
     for b, config in configs.items():
-        model, names = load_minilm()
+        model, names = load_model(cfg)
         quantize_model(model, names, config, DequantCache(storage="packed"))
         freeze_model(model, [config], keep_original="drop")
         got = resident_weight_bytes(model)
         want = formula_weight_bytes(model, config)
         targets = sum(config.numels.values())
-        rows.append(
-            {
-                "budget": b,
-                "average_bits": round(config.average_bits(), 4),
-                "target_params": targets,
-                "resident_bytes": got["total"],
-                "packed_target_bytes": got["quantized"],
-                "non_target_bytes": got["other"],
-                "formula_bytes": round(want),
-                "rel_diff": round(got["total"] / want - 1, 6),
-                "fp_bytes": got["other"] + 4 * targets,
-            }
-        )
-        dense, _ = load_minilm()
+        row = {"budget": b, "average_bits": round(config.average_bits(), 4)}
+        row |= {"target_params": targets, "resident_bytes": got["total"]}
+        row |= {"packed_target_bytes": got["quantized"], "non_target_bytes": got["other"]}
+        row |= {"formula_bytes": round(want), "rel_diff": round(got["total"] / want - 1, 6)}
+        row |= {"fp_bytes": got["other"] + 4 * targets}
+        rows.append(row)
+        dense, _ = load_model(cfg)
         quantize_model(dense, names, config, DequantCache(storage="dequantized"))
         rows[-1]["dequantized_resident_bytes"] = resident_weight_bytes(dense)["total"]
         del model, dense
@@ -163,11 +185,11 @@ def part_bytes(configs) -> list[dict]:
     return rows
 
 
-def part_speed(configs, reps: int, seqs: list[int], budgets: list[float]) -> list[dict]:
+def part_speed(cfg, configs, reps: int, seqs: list[int], budgets: list[float]) -> list[dict]:
     variants = {
-        "packed": lora_model("packed", configs[BUDGETS[0]]),
-        "dequantized": lora_model("dequantized", configs[BUDGETS[0]]),
-        "fp": lora_model(None, None),
+        "packed": lora_model(cfg, "packed", configs[BUDGETS[0]]),
+        "dequantized": lora_model(cfg, "dequantized", configs[BUDGETS[0]]),
+        "fp": lora_model(cfg, None, None),
     }
     rows = []
     for seq in seqs:
@@ -193,10 +215,10 @@ def part_speed(configs, reps: int, seqs: list[int], budgets: list[float]) -> lis
     return rows
 
 
-def part_switch(configs, reps: int) -> list[dict]:
+def part_switch(cfg, configs, reps: int) -> list[dict]:
     rows = []
     for storage in ("packed", "dequantized"):
-        model, names = load_minilm()
+        model, names = load_model(cfg)
         cache = DequantCache(storage=storage)
         layers = quantize_model(model, names, None, cache)
         first = {}
@@ -213,6 +235,7 @@ def part_switch(configs, reps: int) -> list[dict]:
         rows.append(
             {
                 "storage": storage,
+                "layers": len(layers),
                 "switch_ms": median_ms(times),
                 "first_use_ms": {str(b): round(s * 1e3, 1) for b, s in first.items()},
                 "cache_mb": round(cache.nbytes / 2**20, 2),
@@ -220,13 +243,15 @@ def part_switch(configs, reps: int) -> list[dict]:
             }
         )
         print(rows[-1], flush=True)
+        del model, layers, cache
+        gc.collect()
     return rows
 
 
-def part_layers(reps: int, tokens: int = 2048) -> list[dict]:
+def part_layers(shapes, reps: int, tokens: int = 2048) -> list[dict]:
     """One linear, forward + backward wrt the input: dense weight vs packed (dequantize twice)."""
     rows = []
-    for d_out, d_in in [(384, 384), (1536, 384), (384, 1536), (2048, 2048)]:
+    for d_out, d_in in shapes:
         torch.manual_seed(0)
         W = torch.randn(d_out, d_in) * 0.02
         x = torch.randn(tokens, d_in, requires_grad=True)
@@ -250,44 +275,33 @@ def part_layers(reps: int, tokens: int = 2048) -> list[dict]:
     return rows
 
 
-def _safetensors_data_bytes(path: Path) -> int:
-    with open(path, "rb") as f:
-        header = int.from_bytes(f.read(8), "little")  # u64 header length, then the JSON header
-    return path.stat().st_size - 8 - header
-
-
-def part_deploy(configs, reps: int, seq: int = 64) -> dict:
+def part_deploy(cfg, configs, reps: int, size: int, seq: int) -> dict:
     """Exports on disk vs the formula, one shared multi-configuration export, and inference
     latency of ``deploy.load`` vs the training-time model vs bitsandbytes NF4, interleaved."""
+    import shutil
     import tempfile
 
     from coalora import deploy
 
-    model, names = load_minilm()
+    model, names = load_model(cfg)
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix="bench-packed-"))
     sizes = []
     for b, config in configs.items():
         out = deploy.save_packed(model, names, {str(b): config}, None, tmp / f"b{b}")
-        packed = _safetensors_data_bytes(out / "packed.safetensors")
-        base = _safetensors_data_bytes(out / "base.safetensors")
+        packed = safetensors_data_bytes(out / "packed.safetensors")
+        base = safetensors_data_bytes(out / "base.safetensors")
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         formula = config.total_bits() / 8 + base
         loaded = deploy.load(out)
         resident = resident_weight_bytes(loaded)["total"]
-        sizes.append(
-            {
-                "budget": b,
-                "packed_data_bytes": packed,
-                "target_formula_bytes": round(config.total_bits() / 8),
-                "non_target_bytes": base,
-                "export_dir_bytes": disk,
-                "formula_bytes": round(formula),
-                "disk_rel_diff": round((packed + base) / formula - 1, 6),
-                "loaded_resident_bytes": resident,
-                "resident_rel_diff": round(resident / formula - 1, 6),
-            }
-        )
+        row = {"budget": b, "packed_data_bytes": packed}
+        row |= {"target_formula_bytes": round(config.total_bits() / 8), "non_target_bytes": base}
+        row |= {"export_dir_bytes": disk, "formula_bytes": round(formula)}
+        row |= {"disk_rel_diff": round((packed + base) / formula - 1, 6)}
+        row |= {"loaded_resident_bytes": resident}
+        row |= {"resident_rel_diff": round(resident / formula - 1, 6)}
+        sizes.append(row)
         print(sizes[-1], flush=True)
         del loaded
     multi = deploy.save_packed(
@@ -298,17 +312,17 @@ def part_deploy(configs, reps: int, seq: int = 64) -> dict:
         "configurations": len(configs),
         "entries": len(manifest["entries"]),
         "layer_option_pairs": len(configs) * len(names),
-        "packed_data_bytes": _safetensors_data_bytes(multi / "packed.safetensors"),
+        "packed_data_bytes": safetensors_data_bytes(multi / "packed.safetensors"),
         "sum_of_single_exports_bytes": sum(r["packed_data_bytes"] for r in sizes),
     }
     print(multi_row, flush=True)
 
-    # inference latency, no grad, batch 32 x seq: served (packed) vs the training-time model
+    # inference latency, no grad, size x seq: served (packed) vs the training-time model
     # (dequantized storage) at 3.0 bits; bitsandbytes vs packed at uniform NF4 (4-bit, block 64)
     nf4 = ModelQuantConfig.uniform(configs[3.0].numels, NF4)
     deploy.save_packed(model, names, {"nf4": nf4}, None, tmp / "nf4")
     served = deploy.load(multi, budget=3.0)
-    train_time, _ = load_minilm()
+    train_time, _ = load_model(cfg)
     quantize_model(train_time, names, configs[3.0], DequantCache(storage="dequantized"))
     train_time.eval()
     variants = {
@@ -316,37 +330,40 @@ def part_deploy(configs, reps: int, seq: int = 64) -> dict:
         "training_dequantized_3.0": train_time,
         "deploy_packed_nf4": deploy.load(tmp / "nf4"),
     }
+    bnb_missing = None
     try:
         variants["bnb_nf4"] = deploy.load(tmp / "nf4", backend="bnb")
-    except ImportError:
-        pass
-    b = batch(seq)
-    b.pop("labels")
+    except Exception as e:  # noqa: BLE001 - bitsandbytes absent or without a CPU kernel
+        bnb_missing = f"{type(e).__name__}: {e}"
+    del model
+    gc.collect()
+    b = batch(seq, size, vocab=served.config.vocab_size if is_decoder(cfg) else None)
+    b.pop("labels", None)
     with torch.no_grad():
         diff = (served(**b).logits - train_time(**b).logits).abs().max().item()
         times, _ = interleaved({k: (lambda m=m: m(**b)) for k, m in variants.items()}, reps)
     latency = {k: median_ms(v) for k, v in times.items()}
     print(latency, flush=True)
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     return {
         "sizes": sizes,
         "multi": multi_row,
         "latency_ms": latency,
-        "latency_batch": [32, seq],
+        "latency_batch": [size, seq],
         "latency_reps": reps,
         "max_abs_logit_diff_deploy_vs_training": diff,
+        **({"bnb_unavailable": bnb_missing} if bnb_missing else {}),
     }
 
 
 def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
     """One variant's training steps; prints a JSON line with its memory numbers (KiB)."""
-    configs = allocations(cache_dir)
+    cfg = model_cfg("minilm_l6", cache_dir)
+    configs = allocations(cfg, cache_dir)
     rss_start = status_kb("VmRSS")
     storage = None if variant == "fp" else variant.split("_")[0]
     multi = variant.endswith("_multi")
-    model, names, opt = lora_model(storage, None if storage is None else configs[3.0])
+    model, names, opt = lora_model(cfg, storage, None if storage is None else configs[3.0])
     if storage == "packed" and not multi:
         freeze_model(model, [configs[3.0]], keep_original="drop")
     gc.collect()
@@ -366,19 +383,8 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
     weights = resident_weight_bytes(model)
     caches = {id(m.cache): m.cache for m in model.modules() if hasattr(m, "cache")}
     weights["cache"] = sum(c.nbytes for c in caches.values())  # every cached option
-    print(
-        json.dumps(
-            {
-                "variant": variant,
-                "steps": steps,
-                "seq": seq,
-                "rss_start_kb": rss_start,
-                **memory,
-                "weight_bytes": weights,
-            }
-        ),
-        flush=True,
-    )
+    row = {"variant": variant, "steps": steps, "seq": seq, "rss_start_kb": rss_start, **memory}
+    print(json.dumps({**row, "weight_bytes": weights}), flush=True)
 
 
 def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
@@ -391,24 +397,18 @@ def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
     return rows
 
 
-def _provenance(results: dict, part: str) -> list[str]:
-    m = results.get("meta", {}).get(part)
-    return [f"Run {m['date']}: `{m['command']}`", ""] if m else []
-
-
-def markdown(results: dict, command: str) -> list[str]:
-    lines = header_lines("Packed vs dequantized storage (MiniLM-L6)", command)
+def markdown(results: dict, command: str, title: str) -> list[str]:
+    lines = header_lines(f"Packed vs dequantized storage ({title})", command)
     lines[0] = "# " + lines[0][3:]
     lines += ["Each section names the run that produced it (parts can be re-run alone).", ""]
     if "bytes" in results:
-        lines += [
-            "### Resident weight bytes vs the storage formula (original dropped)",
-            "",
-            *_provenance(results, "bytes"),
-            "| budget | avg bits | packed targets | non-target | resident | formula | diff "
-            "| dequantized (orig + copy) | fp |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines += table_section(
+            results,
+            "bytes",
+            "Resident weight bytes vs the storage formula (original dropped)",
+            "budget | avg bits | packed targets | non-target | resident | formula | diff "
+            "| dequantized (orig + copy) | fp",
+        )
         for r in results["bytes"]:
             mb = lambda v: f"{v / 2**20:.2f} MiB"  # noqa: E731
             lines.append(
@@ -419,15 +419,13 @@ def markdown(results: dict, command: str) -> list[str]:
             )
         lines.append("")
     if "speed" in results:
-        lines += [
-            "### Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
-            "",
-            *_provenance(results, "speed"),
-            "| seq | budget | reps | packed ms | dequantized ms | fp ms | ratio of medians "
-            "| paired ratio median [q25, q75] | CPU-time ms packed / dequantized / fp "
-            "| CPU-time ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines += table_section(
+            results,
+            "speed",
+            "Training step (LoRA r=8, fwd+bwd+AdamW, batch 32), medians, interleaved",
+            "seq | budget | reps | packed ms | dequantized ms | fp ms | ratio of medians | paired "
+            "ratio median [q25, q75] | CPU-time ms packed / dequantized / fp | CPU-time ratio",
+        )
         for r in results["speed"]:
             q = r.get("paired_ratio_q25_q75", [float("nan")] * 2)
             lines.append(
@@ -439,13 +437,13 @@ def markdown(results: dict, command: str) -> list[str]:
             )
         lines.append("")
     if "switch" in results:
-        lines += [
-            "### Configuration switch (36 layers, all four configurations cached)",
-            "",
-            *_provenance(results, "switch"),
-            "| storage | switch ms (median) | first use ms per budget | cache MiB | entries |",
-            "|---|---|---|---|---|",
-        ]
+        n = results["switch"][0].get("layers", "all")
+        lines += table_section(
+            results,
+            "switch",
+            f"Configuration switch ({n} target layers, all four configurations cached)",
+            "storage | switch ms (median) | first use ms per budget | cache MiB | entries",
+        )
         for r in results["switch"]:
             first = ", ".join(f"{b}: {v}" for b, v in r["first_use_ms"].items())
             lines.append(
@@ -454,13 +452,12 @@ def markdown(results: dict, command: str) -> list[str]:
             )
         lines.append("")
     if "layers" in results:
-        lines += [
-            "### One linear, fwd + bwd wrt input, 2048 tokens (dense weight vs packed)",
-            "",
-            *_provenance(results, "layers"),
-            "| shape (out, in) | config | dense ms | packed ms | ratio |",
-            "|---|---|---|---|---|",
-        ]
+        lines += table_section(
+            results,
+            "layers",
+            "One linear, fwd + bwd wrt input, 2048 tokens (dense weight vs packed)",
+            "shape (out, in) | config | dense ms | packed ms | ratio",
+        )
         for r in results["layers"]:
             lines.append(
                 f"| {tuple(r['shape'])} | {r['config']} | {r['dense_ms']} | {r['packed_ms']} | "
@@ -470,14 +467,13 @@ def markdown(results: dict, command: str) -> list[str]:
     if "deploy" in results:
         d = results["deploy"]
         mb = lambda v: f"{v / 2**20:.3f} MiB"  # noqa: E731
-        lines += [
-            "### Packed export (`coalora.deploy`): on disk and loaded, vs the storage formula",
-            "",
-            *_provenance(results, "deploy"),
-            "| budget | packed base (data) | formula targets | non-target | export dir "
-            "| disk vs formula | loaded resident | resident vs formula |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        lines += table_section(
+            results,
+            "deploy",
+            "Packed export (`coalora.deploy`): on disk and loaded, vs the storage formula",
+            "budget | packed base (data) | formula targets | non-target | export dir "
+            "| disk vs formula | loaded resident | resident vs formula",
+        )
         for r in d["sizes"]:
             lines.append(
                 f"| {r['budget']} | {mb(r['packed_data_bytes'])} | "
@@ -485,7 +481,7 @@ def markdown(results: dict, command: str) -> list[str]:
                 f"{mb(r['export_dir_bytes'])} | {100 * r['disk_rel_diff']:+.3f}% | "
                 f"{mb(r['loaded_resident_bytes'])} | {100 * r['resident_rel_diff']:+.3f}% |"
             )
-        m = d["multi"]
+        m, bnb = d["multi"], d.get("bnb_unavailable")
         lines += [
             "",
             f"One export of all {m['configurations']} configurations: {m['entries']} packed "
@@ -497,18 +493,18 @@ def markdown(results: dict, command: str) -> list[str]:
             f"grad, medians of {d['latency_reps']} interleaved: "
             + ", ".join(f"{k} {v} ms" for k, v in d["latency_ms"].items())
             + f". Max |logit difference| deploy vs training-time model (3.0 bits): "
-            f"{d['max_abs_logit_diff_deploy_vs_training']:.2e}.",
+            f"{d['max_abs_logit_diff_deploy_vs_training']:.2e}."
+            + (f" bitsandbytes not measured: {bnb}." if bnb else ""),
             "",
         ]
     if "rss" in results:
-        lines += [
-            "### Peak RSS of training steps (one process per variant, 3.0-bit allocation)",
-            "",
-            *_provenance(results, "rss"),
-            "| variant | RSS after setup | peak during steps (VmHWM) | process peak (VmHWM) "
-            "| weights: current + originals + other | + cached options |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += table_section(
+            results,
+            "rss",
+            "Peak RSS of training steps (one process per variant, 3.0-bit allocation)",
+            "variant | RSS after setup | peak during steps (VmHWM) | process peak (VmHWM) "
+            "| weights: current + originals + other | + cached options",
+        )
         for r in results["rss"]:
             w = r["weight_bytes"]
             held = (w["quantized"] + w["original"] + w["other"]) / 2**20
@@ -523,10 +519,13 @@ def markdown(results: dict, command: str) -> list[str]:
     return lines
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="minilm_l6", help="a conf/model name")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {list(PARTS)}")
+    ap.add_argument("--batch", type=int, help="deploy latency batch (32 encoder, 2 decoder)")
+    ap.add_argument("--seq", type=int, help="deploy latency sequence (64 encoder, 256 decoder)")
     ap.add_argument("--seqs", default="64,24", help="sequence lengths for the step time")
     ap.add_argument("--speed-budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--steps", type=int, default=6, help="training steps per RSS process")
@@ -537,43 +536,64 @@ def main() -> None:
         default=Path(os.environ.get("COALORA_CACHE_DIR", ROOT / ".cache" / "coalora")),
     )
     ap.add_argument("--rss-child", choices=RSS_VARIANTS, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=OUT / "packed_minilm")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="output stem (default docs/results/packed_<model>)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     if args.rss_child:
         rss_child(args.rss_child, args.steps, args.rss_seq, args.cache_dir)
-        return
+        return {}
     parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
     if bad:
         raise SystemExit(f"--parts {bad} not allowed; allowed: {list(PARTS)}")
-    configs = allocations(args.cache_dir)
-    results: dict = {}
-    json_path = args.out.with_suffix(".json")
-    if json_path.exists():  # parts not re-run keep their committed numbers
-        results = json.loads(json_path.read_text()).get("results", {})
-    seqs = [int(s) for s in args.seqs.split(",")]
+    try:
+        cfg = model_cfg(args.model, args.cache_dir)
+    except ConfigError as e:
+        raise SystemExit(f"--model: {e}") from None
+    refused = [p for p in parts if p in MINILM_ONLY]
+    if refused and args.model != "minilm_l6":
+        raise SystemExit(
+            f"--parts {','.join(refused)} run on minilm_l6 only; for {args.model} use "
+            "scripts/bench_decoder_step.py (training step time and peak RSS of a decoder)"
+        )
+    stem, title = NAMES.get(args.model, (args.model, args.model))
+    decoder = is_decoder(cfg)
+    size = args.batch or (2 if decoder else 32)
+    seq = args.seq or (256 if decoder else 64)
+    configs = allocations(cfg, args.cache_dir)
+    out = args.out or OUT / f"packed_{stem}"
+    json_path = out.with_suffix(".json")
+    results = read_part_results(json_path)  # parts not re-run keep their committed numbers
     if "bytes" in parts:
-        results["bytes"] = part_bytes(configs)
+        results["bytes"] = part_bytes(cfg, configs)
     if "switch" in parts:
-        results["switch"] = part_switch(configs, args.reps)
+        results["switch"] = part_switch(cfg, configs, args.reps)
     if "layers" in parts:
-        results["layers"] = part_layers(args.reps)
+        shapes = MINILM_SHAPES
+        if args.model != "minilm_l6":
+            model, names = load_model(cfg)
+            shapes = sorted({tuple(model.get_submodule(n).weight.shape) for n in names})
+            del model
+        results["layers"] = part_layers(shapes, args.reps)
     if "speed" in parts:
+        seqs = [int(s) for s in args.seqs.split(",")]
         budgets = [float(b) for b in args.speed_budgets.split(",")]
-        results["speed"] = part_speed(configs, args.reps, seqs, budgets)
+        results["speed"] = part_speed(cfg, configs, args.reps, seqs, budgets)
     if "deploy" in parts:
-        results["deploy"] = part_deploy(configs, args.reps)
+        results["deploy"] = part_deploy(cfg, configs, args.reps, size, seq)
     if "rss" in parts:
         results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = repo_command(ROOT)
-    meta = results.setdefault("meta", {})
-    for part in parts:
-        meta[part] = {"date": stamp, "command": command}
-    lines = markdown(results, command)
+    command = repo_command(ROOT, argv if argv is None else [__file__, *argv])
+    stamp_parts(results, parts, command)
+    results["model"] = args.model
+    lines = markdown(results, command, title)
     atomic_write_json(json_path, {"header": lines[:5], "results": results})
-    emit_markdown(lines, args.out.with_suffix(".md"))
+    emit_markdown(lines, out.with_suffix(".md"))
+    return results
 
 
 if __name__ == "__main__":

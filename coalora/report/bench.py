@@ -1,6 +1,7 @@
 """Helpers for benchmark scripts: timing medians, variants interleaved round-robin with paired
 ratios, the peak RSS of one process and child processes that report it, machine description and
-load average, and writing one named section of docs/benchmarks.md without touching the others."""
+load average, results files written part by part with each part's provenance, and writing one
+named section of docs/benchmarks.md without touching the others."""
 
 from __future__ import annotations
 
@@ -180,6 +181,44 @@ def run_json_child(args: Sequence[str], timeout: float | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- provenance
+def safetensors_data_bytes(path: str | Path) -> int:
+    """Bytes of tensor data in a ``.safetensors`` file: its size minus the 8-byte header length
+    and the JSON header (https://huggingface.co/docs/safetensors, format)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")  # u64 header length, then the JSON header
+    return path.stat().st_size - 8 - header
+
+
+def read_part_results(json_path: str | Path) -> dict:
+    """The ``results`` of a per-part results file (``{}`` when absent): parts not re-run keep
+    their numbers, and :func:`stamp_parts` records which run produced each."""
+    path = Path(json_path)
+    return json.loads(path.read_text()).get("results", {}) if path.exists() else {}
+
+
+def stamp_parts(results: dict, parts: Sequence[str], command: str) -> None:
+    """Record date and command of this run under ``results["meta"][part]`` for each part."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = results.setdefault("meta", {})
+    for part in parts:
+        meta[part] = {"date": stamp, "command": command}
+
+
+def part_provenance(results: dict, part: str) -> list[str]:
+    """Markdown lines naming the run that produced ``part`` (empty when not recorded)."""
+    m = results.get("meta", {}).get(part)
+    return [f"Run {m['date']}: `{m['command']}`", ""] if m else []
+
+
+def table_section(results: dict, part: str, title: str, header: str) -> list[str]:
+    """``### title``, the run that produced ``part`` and the head of a markdown table whose
+    column names are ``header`` joined by `` | ``."""
+    cols = header.count(" | ") + 1
+    head = [f"| {header} |", "|---" * cols + "|"]
+    return [f"### {title}", "", *part_provenance(results, part), *head]
+
+
 def load_average() -> str:
     """The 1/5/15-minute load average and the core count, e.g. ``2.1 / 1.8 / 1.5 on 2 cores``."""
     try:
