@@ -17,9 +17,11 @@ AdamW over its trainable parameters only:
   recipe, arXiv 2305.14314 §3) so its target linears are ``bitsandbytes.nn.Linear4bit``, then
   ``peft.prepare_model_for_kbit_training`` (without gradient checkpointing, which our variants do
   not use) and ``peft.get_peft_model(LoraConfig(r=8, lora_alpha=16, target_modules=[...]))``;
-* optional (``--variants``): ``qlora_bnb`` (coalora's QLoRA on ``quant=bnb_nf4``),
-  ``coalora_dequantized``, and ``qlora_packed_drop`` (``qlora_packed`` after
-  ``freeze_model(..., keep_original="drop")``, which the training path does not call today).
+* optional (``--variants``): ``qlora_bnb`` (coalora's QLoRA on ``quant=bnb_nf4``) and
+  ``coalora_dequantized``.
+
+With packed storage QLoRA frees the fp32 originals after setup (one fixed configuration,
+``Method.release_original``); CoA-LoRA keeps them to quantize configurations it has not seen.
 
 Parts (``--parts``):
 
@@ -82,7 +84,7 @@ from coalora.report.bench import (
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("speed", "rss", "infer")
 DEFAULT_VARIANTS = ("coalora", "qlora_packed", "qlora_dequantized", "lora", "peft_bnb")
-DEFAULT_RSS = (*DEFAULT_VARIANTS, "qlora_packed_drop")
+DEFAULT_RSS = DEFAULT_VARIANTS
 # coalora variants: (Hydra overrides, description); peft_bnb is built outside coalora
 COALORA_VARIANTS: dict[str, tuple[list[str], str]] = {
     "coalora": (
@@ -95,11 +97,8 @@ COALORA_VARIANTS: dict[str, tuple[list[str], str]] = {
     ),
     "qlora_packed": (
         ["method=qlora", "quant=nf4", "quant.storage=packed"],
-        "QLoRA, coalora NF4 + double quantization (4.127 bits), packed storage",
-    ),
-    "qlora_packed_drop": (
-        ["method=qlora", "quant=nf4", "quant.storage=packed"],
-        "qlora_packed, then freeze_model(keep_original='drop') (not the training path today)",
+        "QLoRA, coalora NF4 + double quantization (4.127 bits), packed storage (fp32 originals "
+        "dropped after setup: one fixed configuration)",
     ),
     "qlora_dequantized": (
         ["method=qlora", "quant=nf4", "quant.storage=dequantized"],
@@ -280,7 +279,6 @@ def _only_adapters(name: str, params: dict[str, nn.Parameter]) -> None:
 
 
 def build_coalora_variant(name: str, args) -> Trainee:
-    from coalora.quant import freeze_model
     from coalora.stages.build import prepare
 
     overrides, description = COALORA_VARIANTS[name]
@@ -289,9 +287,6 @@ def build_coalora_variant(name: str, args) -> Trainee:
     _, model, method, ctx = prepare(cfg, with_data=False)
     method.setup(model, ctx)
     notes = []
-    if name == "qlora_packed_drop":
-        freeze_model(model, [method.config], keep_original="drop")
-        notes.append("original dropped after setup")
     first_use = None
     if method.switches_configs:  # quantize every training configuration once: steady state
         t1 = time.perf_counter()
