@@ -39,6 +39,8 @@ SERIES = {
     "(e) Shared-LoRA, trained on the pool": r"shared_lora_s{s}",
     "(e) Shared-LoRA, trained on the 4 budgets only (paper)": r"shared_lora_evalonly_s{s}",
     "(f) CoA-LoRA": r"coalora_s{s}",
+    "(e) Shared-LoRA, 4 budgets only, 4× steps": r"shared_lora_evalonly_x4_s{s}",
+    "(f) CoA-LoRA, 4× steps": r"coalora_x4_s{s}",
     "ablation: Shared-LoRA r=32": r"shared_lora_r32_s{s}",
     "ablation: CoA-LoRA r=32": r"coalora_r32_s{s}",
 }
@@ -183,22 +185,27 @@ def paired_lines(runs: dict[str, Run], reps: int) -> list[str]:
     ]
     pairs = []
     for name, run in sorted(runs.items()):
-        m = re.fullmatch(r"coalora_s(\d+)", name)
+        m = re.fullmatch(r"coalora(_r32|_x4)?_s(\d+)", name)
         if not m:
             continue
-        seed = m.group(1)
+        variant, seed = m.group(1) or "", m.group(2)
+        tag = f" {variant[1:]}" if variant else ""
         for other, label in (
-            (f"shared_lora_s{seed}", "Shared-LoRA (pool)"),
-            (f"shared_lora_evalonly_s{seed}", "Shared-LoRA (4 budgets)"),
+            (f"shared_lora{variant}_s{seed}", f"Shared-LoRA{tag} (pool)"),
+            (f"shared_lora_evalonly{variant}_s{seed}", f"Shared-LoRA{tag} (4 budgets)"),
         ):
             if other in runs:
                 pairs += [
-                    (run, runs[other], label, seed, (c, c)) for c in run.nll if c in runs[other].nll
+                    (run, runs[other], label, f"{seed}{tag}", (c, c))
+                    for c in run.nll
+                    if c in runs[other].nll
                 ]
+        if variant == "_r32":
+            continue  # QLoRA runs are rank 8
         for b in BUDGETS:
             q = runs.get(f"qlora_b{b:.1f}")
             if q is not None and q.alloc.get(b) in q.nll:
-                pairs.append((run, q, "QLoRA (per budget)", seed, (f"{b:g}", q.alloc[b])))
+                pairs.append((run, q, "QLoRA (per budget)", f"{seed}{tag}", (f"{b:g}", q.alloc[b])))
     for a, b, label, seed, (col, col_b) in pairs:
         if a.blocks != b.blocks or not torch.equal(a.tokens, b.tokens):
             raise SystemExit(f"error: {a.name} and {b.name} scored different blocks")
@@ -244,14 +251,21 @@ def plot(runs: dict[str, Run], base: dict | None, path: Path) -> None:
     for label, pattern in SERIES.items():
         if pattern == "lora":
             continue
-        rows = []
+        groups: dict[tuple[str, float], list[dict]] = {}
         for b in BUDGETS:
             for r in series_runs(runs, pattern, b):
                 for col, row in r.rows.items():
                     if col in (r.alloc.get(b), f"{b:g}-random0"):
-                        rows.append(
-                            {"avg_bits": row["avg_bits"], "kind": row["kind"], "ppl": row["ppl"]}
-                        )
+                        groups.setdefault((row["kind"], b), []).append(row)
+        rows = [  # seeds averaged: one point per configuration, ± std band when 2+ seeds
+            {
+                "avg_bits": statistics.mean(r["avg_bits"] for r in g),
+                "kind": kind,
+                "ppl": statistics.mean(r["ppl"] for r in g),
+                "ppl_std": statistics.stdev([r["ppl"] for r in g]) if len(g) > 1 else None,
+            }
+            for (kind, _), g in sorted(groups.items(), key=lambda kv: kv[0][1])
+        ]
         if rows:
             series[label.split(") ", 1)[-1]] = rows
     refs = {"LoRA": runs["lora"].ppl("32")} if "lora" in runs else None
