@@ -28,6 +28,7 @@ from coalora.quant import (
     fisher_diagonal,
     freeze_model,
     model_weights,
+    own_frozen_weights,
     quantize_model,
 )
 
@@ -144,6 +145,7 @@ class Method:
         layers = getattr(self, "qlayers", None)
         if layers:
             freeze_model(model, [self.config], keep_original="drop", layers=layers)
+            own_frozen_weights(model)  # release the checkpoint's file mapping
 
     def build_base(self, model: nn.Module, ctx: MethodContext) -> None:
         """Quantize the target linears per the quant settings (no-op for ``quant=none``)."""

@@ -47,6 +47,7 @@ from coalora.quant.packed import (
     dequantize_packed,
     formula_weight_bytes,
     freeze_model,
+    own_frozen_weights,
     packed_linear,
     resident_weight_bytes,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "fisher_diagonal",
     "formula_weight_bytes",
     "freeze_model",
+    "own_frozen_weights",
     "model_weights",
     "nf_codebook",
     "pack_bits",

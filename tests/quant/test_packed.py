@@ -202,3 +202,29 @@ def test_compute_dtype_follows_the_input_under_autocast_and_bf16():
     packed16.set_config(NF4)
     xb = torch.randn(8, 64, dtype=torch.bfloat16)
     assert torch.equal(dense16(xb), packed16(xb))
+
+
+def test_own_frozen_weights_copies_views_of_a_shared_storage_and_keeps_ties():
+    from coalora.quant import QuantLinear, own_frozen_weights
+
+    blob = torch.randn(4 * 16 + 16)  # one storage, as a memory-mapped checkpoint gives
+    emb = nn.Embedding(4, 16)
+    emb.weight = nn.Parameter(blob[: 4 * 16].view(4, 16), requires_grad=False)
+    head = nn.Linear(16, 4, bias=False)
+    head.weight = emb.weight  # tied
+    norm = nn.LayerNorm(16)
+    norm.weight = nn.Parameter(blob[4 * 16 :], requires_grad=False)
+    norm.bias.requires_grad_(True)  # trainable: left alone
+    q = QuantLinear(nn.Linear(16, 16), "q")
+    model = nn.ModuleDict({"emb": emb, "head": head, "norm": norm, "q": q})
+    bias_ptr = norm.bias.data_ptr()
+    q_ptr = q.weight_fp.untyped_storage().data_ptr()
+    before = emb.weight.detach().clone()
+    copied = own_frozen_weights(model)
+    base = blob.untyped_storage().data_ptr()
+    assert emb.weight.untyped_storage().data_ptr() != base
+    assert norm.weight.untyped_storage().data_ptr() != base
+    assert head.weight is emb.weight and torch.equal(emb.weight, before)
+    assert norm.bias.data_ptr() == bias_ptr  # trainable parameters are not copied
+    assert q.weight_fp.untyped_storage().data_ptr() == q_ptr  # QuantLinear layers untouched
+    assert copied == (4 * 16 + 16) * 4
