@@ -1,4 +1,4 @@
-"""Every option of every config group composes (STYLE 2), for each entry config."""
+"""Every option of every config group composes, for each entry config."""
 
 from __future__ import annotations
 
@@ -78,3 +78,14 @@ def test_method_defaults_override_trainer_and_quant_but_cli_wins(compose):
     assert cfg.quant.mode == "nf4" and cfg.trainer.max_steps == 2000
     cfg = compose(["method=qlora", "quant=budget", "quant.budget=2.5"])
     assert cfg.quant.mode == "budget" and cfg.quant.budget == 2.5
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_each_model_declares_its_quant_storage_and_the_command_line_wins(compose, model):
+    cfg = compose([f"model={model}", "method=qlora"])
+    # packed for the large models and decoders (measured on SmolLM2), dense copies for the small
+    # encoders and the test models (docs/packed.md, "Default storage")
+    small = model in ("minilm_l6", "tiny_bert", "tiny_llama")
+    assert cfg.quant.storage == ("dequantized" if small else "packed")
+    other = "packed" if small else "dequantized"
+    assert compose([f"model={model}", f"quant.storage={other}"]).quant.storage == other
