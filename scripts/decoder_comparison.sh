@@ -88,7 +88,7 @@ for name in "$@"; do
   [[ -n "$metrics" ]] && cp "$metrics" "$dest.tmp/train_metrics.csv"
   printf '{"name": "%s", "overrides": "%s", "train_s": %d, "eval_s": %d, "host": "%s", "date": "%s"}\n' \
     "$name" "$(printf '%s ' "${COMMON[@]}" "${ov[@]}" "${EXTRA[@]}")" $((trained - start)) \
-    $((done_at - trained)) "$(uname -m) $(nproc) cores" "$(date -u +%FT%TZ)" > "$dest.tmp/run.json"
+    $((done_at - trained)) "$(uname -m) $(nproc --all) cores, OMP_NUM_THREADS=$OMP_NUM_THREADS" "$(date -u +%FT%TZ)" > "$dest.tmp/run.json"
   rm -rf "$dest" && mv "$dest.tmp" "$dest"
   echo "== $name: done in $((done_at - start)) s -> $dest"
 done

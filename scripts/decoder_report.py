@@ -289,9 +289,10 @@ def main() -> None:
     lines += [
         "Perplexity on WikiText-2 **test** (32 evenly spread blocks of 256 tokens = 8,160 scored "
         "tokens), adapters fine-tuned on WikiText-2 **valid**; every run: 40 optimizer steps × 2 "
-        "blocks × 256 tokens = 20,480 training tokens, lr 1e-3 (linear decay, 6% warm-up), rank 8 "
-        "unless stated, one configuration per step, fp32 on the CPU. Multi-seed cells: mean "
-        "(seed 42 / seed 43). Overrides of every run: last table.",
+        "blocks × 256 tokens = 20,480 training tokens (4× steps runs: 160 steps, 81,920 tokens, "
+        "the compute of the four per-budget runs together), lr 1e-3 (linear decay, 6% warm-up), "
+        "rank 8 unless stated, one configuration per step, fp32 on the CPU. Multi-seed cells: "
+        "mean (seed 42 / seed 43). Overrides of every run: last table.",
         "",
         "### Perplexity at each budget's allocation",
         "",
