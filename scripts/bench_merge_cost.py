@@ -6,7 +6,7 @@ which re-quantizes deq(Q) + s·BA with each layer's option), on the run's own ev
         [--out docs/results/decoder_merge_cost.json]
 
 The run is exported once with ``export.py format=packed quant.budgets=[...]`` into a temporary
-folder (a per-budget run exports its own configuration: pass its budget). Perplexity uses the
+folder (a per-budget run exports its own configuration; pass its budget as the label). Perplexity uses the
 run's task blocks (WikiText-2 test, 32 × 256 tokens by default) and the same NLL as evaluate.py;
 the merge's per-layer relative weight error (``coalora_export["merge_error"]``) is summarised.
 """
@@ -32,6 +32,7 @@ from coalora.stages.build import build_datamodule
 from coalora.stages.restore import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
+MULTI_CONFIG = ("coalora", "shared_lora")  # methods whose export serves several budgets
 
 
 def main() -> None:
@@ -45,18 +46,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="coalora-merge-") as tmp:
         out = Path(tmp) / "export"
+        # a per-budget run (QLoRA, LoRA) exports the one configuration it was trained on
+        multi = cfg.method.name in MULTI_CONFIG
         budgets = "[" + ",".join(f"{b:g}" for b in args.budgets) + "]"
         t0 = time.perf_counter()
         subprocess.run(
             [sys.executable, str(ROOT / "export.py"), f"ckpt={args.run}", "format=packed",
-             f"quant.budgets={budgets}", f"out_dir={out}", f"hydra.run.dir={Path(tmp) / 'run'}"],
+             *([f"quant.budgets={budgets}"] if multi else []), f"out_dir={out}",
+             f"hydra.run.dir={Path(tmp) / 'run'}"],
             check=True,
         )  # fmt: skip
         print(f"export: {time.perf_counter() - t0:.1f} s", flush=True)
         for b in args.budgets:
             row = {"budget": b}
             for merge in (False, True):
-                model = deploy.load(out, budget=b, merge=merge)
+                model = deploy.load(out, budget=b if multi else None, merge=merge)
                 nll, tokens = corpus_nll(model, loader)
                 key = "merged" if merge else "adapter"
                 row[f"ppl_{key}"] = perplexity(nll, tokens)

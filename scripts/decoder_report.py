@@ -152,7 +152,7 @@ def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
     return lines
 
 
-def table_held_out(runs: dict[str, Run]) -> list[str]:
+def table_held_out(runs: dict[str, Run], base: dict | None = None) -> list[str]:
     lines = [
         "| method | " + " | ".join(f"near {b:g}" for b in BUDGETS) + " |",
         "|---|" + "---:|" * len(BUDGETS),
@@ -163,6 +163,13 @@ def table_held_out(runs: dict[str, Run]) -> list[str]:
         lines.append(
             "| (average bits of the held-out configuration) | "
             + " | ".join("—" if x is None else f"{x:.3f}" for x in bits)
+            + " |"
+        )
+    if base:  # scripts/bench_decoder_quant.py --configs <the held-out configurations>
+        by_name = {r["config"]: r["ppl"] for r in base["rows"]}
+        lines.append(
+            "| (a) quantized base, no adapter | "
+            + " | ".join(fmt(by_name.get(f"held-out {b:g}-random0")) for b in BUDGETS)
             + " |"
         )
     for label, pattern in SERIES.items():
@@ -300,7 +307,7 @@ def main() -> None:
         "",
         "### Held-out random configurations near each budget (never trained on)",
         "",
-        *table_held_out(runs),
+        *table_held_out(runs, base),
         "",
         "### Paired differences (block bootstrap over the 32 evaluation blocks)",
         "",
