@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from coalora.quant import resident_weight_bytes
 
 QLORA = ["method=qlora", "quant=budget", "quant.budget=3.0"]
+QWHA = ["method=qwha", "quant=budget", "quant.budget=3.0"]
 
 
 def _batch(dm):
     return next(iter(dm.train_dataloader()))
 
 
-def test_packed_qlora_holds_only_the_packed_base_and_matches_dequantized(built):
-    _, packed, dm = built([*QLORA, "quant.storage=packed"])
-    _, dense, _ = built([*QLORA, "quant.storage=dequantized"])
+@pytest.mark.parametrize("method", [QLORA, QWHA], ids=["qlora", "qwha"])
+def test_packed_fixed_methods_hold_only_the_packed_base_and_match_dequantized(built, method):
+    _, packed, dm = built([*method, "quant.storage=packed"])
+    _, dense, _ = built([*method, "quant.storage=dequantized"])
     held = resident_weight_bytes(packed.model)
     assert held["original"] == 0  # dropped: QLoRA never quantizes another configuration
     assert resident_weight_bytes(dense.model)["original"] > 0  # the dequantized path keeps it
