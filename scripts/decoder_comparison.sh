@@ -67,10 +67,12 @@ if [[ "${1:-}" == --list ]]; then
   exit 0
 fi
 
+for name in "$@"; do overrides "$name" > /dev/null || exit 2; done  # check every name first
 for name in "$@"; do
   dest="$RESULTS/$name"
   if [[ -f "$dest/results.json" ]]; then echo "== $name: done already ($dest)"; continue; fi
-  mapfile -t ov < <(overrides "$name")
+  text=$(overrides "$name") || exit 2  # an unknown run name stops before anything runs
+  mapfile -t ov <<< "$text"
   run="$OUT/$name"
   rm -rf "$run" "$run-eval"
   echo "== $name: train ($(date -u +%H:%M:%S))"
