@@ -108,13 +108,13 @@ def fmt(v: float | None) -> str:
 
 
 def cell(runs: list[Run], column: str | float) -> str:
-    """Perplexity of ``column`` (a budget: that budget's allocation) over ``runs``."""
-    vals = [
-        p
-        for p in (r.ppl(r.alloc.get(round(column, 1), "")) if isinstance(column, float)
-                  else r.ppl(column) for r in runs)
-        if p is not None
-    ]  # fmt: skip
+    """Perplexity of ``column`` over ``runs``; a float column is that budget's allocation."""
+    vals = []
+    for r in runs:
+        col = r.alloc.get(round(column, 1)) if isinstance(column, float) else column
+        p = r.ppl(col) if col else None
+        if p is not None:
+            vals.append(p)
     if not vals:
         return "—"
     if len(vals) == 1:
