@@ -251,12 +251,16 @@ def plot(runs: dict[str, Run], base: dict | None, path: Path) -> None:
     series: dict[str, list[dict]] = {}
     if base:
         series["quantized base"] = [
-            {"avg_bits": r["avg_bits"], "kind": "allocation", "ppl": r["ppl"]}
+            {
+                "avg_bits": r["avg_bits"],
+                "kind": "allocation" if r["config"].startswith("allocation") else "random0",
+                "ppl": r["ppl"],
+            }
             for r in base["rows"]
             if r["avg_bits"] < 16
         ]
     for label, pattern in SERIES.items():
-        if pattern == "lora":
+        if pattern == "lora" or label.startswith("ablation"):  # ablations: tables only
             continue
         groups: dict[tuple[str, float], list[dict]] = {}
         for b in BUDGETS:
