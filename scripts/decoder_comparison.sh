@@ -63,7 +63,7 @@ if [[ "${1:-}" == --list ]]; then
   echo lora qlora_b{2.5,3.0,3.5,4.0} lq_lora_b{2.5,3.0} qwha_b{2.5,3.0} \
     shared_lora_s{42,43} shared_lora_evalonly_s{42,43} coalora_s{42,43} \
     coalora_r32_s42 shared_lora_r32_s42 coalora_x4_s42 shared_lora_x4_s42 \
-    shared_lora_evalonly_x4_s42
+    shared_lora_evalonly_x4_s42 coalora_x4_s43 shared_lora_x4_s43 shared_lora_evalonly_x4_s43
   exit 0
 fi
 
