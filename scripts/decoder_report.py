@@ -39,6 +39,7 @@ SERIES = {
     "(e) Shared-LoRA, trained on the pool": r"shared_lora_s{s}",
     "(e) Shared-LoRA, trained on the 4 budgets only (paper)": r"shared_lora_evalonly_s{s}",
     "(f) CoA-LoRA": r"coalora_s{s}",
+    "(e) Shared-LoRA, pool, 4× steps": r"shared_lora_x4_s{s}",
     "(e) Shared-LoRA, 4 budgets only, 4× steps": r"shared_lora_evalonly_x4_s{s}",
     "(f) CoA-LoRA, 4× steps": r"coalora_x4_s{s}",
     "ablation: Shared-LoRA r=32": r"shared_lora_r32_s{s}",
