@@ -26,13 +26,13 @@ import torch
 from coalora import deploy
 from coalora.data.metrics import corpus_nll, perplexity
 from coalora.io import atomic_write_json
+from coalora.methods import registry
 from coalora.models import build_tokenizer
 from coalora.report.bench import header_lines
 from coalora.stages.build import build_datamodule
 from coalora.stages.restore import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MULTI_CONFIG = ("coalora", "shared_lora")  # methods whose export serves several budgets
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="coalora-merge-") as tmp:
         out = Path(tmp) / "export"
         # a per-budget run (QLoRA, LoRA) exports the one configuration it was trained on
-        multi = cfg.method.name in MULTI_CONFIG
+        multi = registry()[cfg.method.name].switches_configs
         budgets = "[" + ",".join(f"{b:g}" for b in args.budgets) + "]"
         t0 = time.perf_counter()
         subprocess.run(

@@ -72,7 +72,7 @@ class Run:
 
     @staticmethod
     def column(row: dict) -> str:
-        label = f"{float(row['budget']):g}" if row["budget"] != 32.0 else "32"
+        label = f"{float(row['budget']):g}"  # evaluate.py's column label ("32" for fp)
         return label if row["kind"] == "allocation" else f"{label}-{row['kind']}"
 
     def ppl(self, column: str) -> float | None:
