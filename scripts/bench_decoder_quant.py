@@ -1,9 +1,13 @@
 """Row (a) of the decoder comparison: the quantized base with no adapter, on SmolLM2-135M.
 
-For each budget, the data-free allocation (the configuration every method is scored on) is
-applied to the frozen base and WikiText-2 perplexity is measured over the task's fixed evaluation
-blocks; full precision is the reference. Also times the error-table build (once per model and
-space; cached under ``paths.cache_dir``) and writes the compact results as JSON.
+For each budget, the allocation (the configuration every method is scored on, through
+``MethodContext.allocations`` with the model's ``quant.solver`` and sensitivity) is applied to the
+frozen base and WikiText-2 perplexity is measured over the task's fixed evaluation blocks; full
+precision is the reference. ``--sensitivity none|fisher`` (default: the model's
+``quant.sensitivity``, docs/quantization.md "Sensitivity") chooses what weights the allocation
+errors; rows of a non-default sensitivity are named ``allocation@<bits> (<kind>)``, so one
+``--out`` file holds both. Also times the sensitivity, error-table build and allocations (cached
+under ``paths.cache_dir``) and writes the compact results as JSON.
 
     COALORA_CACHE_DIR=<cache with the converted model> python scripts/bench_decoder_quant.py \
         --out docs/results/decoder_quantized_base.json
@@ -30,8 +34,9 @@ from hydra import compose, initialize_config_dir
 from coalora.data.metrics import bootstrap_perplexity, corpus_nll, perplexity
 from coalora.io import atomic_write_json
 from coalora.models import build_tokenizer
-from coalora.quant import ModelQuantConfig, QuantSpace, model_weights, quantize_model
-from coalora.quant.build import QuantSettings, allocations
+from coalora.quant import ModelQuantConfig, quantize_model
+from coalora.quant.build import QuantSettings
+from coalora.quant.sensitivity import SENSITIVITIES
 from coalora.report.bench import header_lines
 from coalora.stages.build import build_backbone, build_datamodule, method_context
 
@@ -44,26 +49,40 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
     ap.add_argument("--configs", nargs="*", default=[], help="configuration JSON files to score")
     ap.add_argument("--skip-allocations", action="store_true")
+    ap.add_argument(
+        "--sensitivity",
+        choices=list(SENSITIVITIES),
+        default=None,
+        help="what weights the allocation errors (default: the model's)",
+    )
+    ap.add_argument(
+        "--sensitivity-examples",
+        type=int,
+        default=None,
+        help="training examples of the Fisher (default: quant.sensitivity_examples)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     data_dir = os.environ.get("COALORA_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+    overrides = [f"model={args.model}", "task=wikitext2", "method=qlora", "quant=none",
+                 f"paths.data_dir={data_dir}", "data.eval_batch_size=4"]  # fmt: skip
+    if args.sensitivity:
+        overrides.append(f"quant.sensitivity={args.sensitivity}")
+    if args.sensitivity_examples:
+        overrides.append(f"quant.sensitivity_examples={args.sensitivity_examples}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"model={args.model}", "task=wikitext2", "method=qlora", "quant=none",
-                       f"paths.data_dir={data_dir}", "data.eval_batch_size=4"],
-        )  # fmt: skip
+        cfg = compose("train", overrides=overrides)
     cfg.paths.output_dir = "/tmp/coalora-bench-decoder-quant"
     model = build_backbone(cfg).eval()
     dm = build_datamodule(cfg, build_tokenizer(cfg.model))
     loader = dm.val_dataloader()
     ctx = method_context(cfg, model, QuantSettings.from_cfg(cfg.quant), dm)
-    weights = model_weights(model, ctx.names)
+    kind = ctx.quant.sensitivity
     t0 = time.perf_counter()
-    allocs = allocations(
-        weights, args.budgets, QuantSpace(), Path(cfg.paths.cache_dir), cfg.model.name
-    )
+    solved = ctx.allocations(model, args.budgets)  # before quantizing: the Fisher needs fp
     table_s = time.perf_counter() - t0
+    allocs = {b: a.config for b, a in solved.items()}
+    suffix = "" if kind == "none" else f" ({kind})"
     rows = []
     header = header_lines("Quantized SmolLM2 base, no adapter")
 
@@ -73,13 +92,22 @@ def main() -> None:
         ppl = perplexity(nll, tokens)
         lo, hi = bootstrap_perplexity(nll, tokens)
         bits = 32.0 if config is None else config.average_bits()
-        rows.append({"config": name, "avg_bits": bits, "ppl": ppl, "ci95": [lo, hi]})
+        rows.append(
+            {
+                "config": name,
+                "avg_bits": bits,
+                "ppl": ppl,
+                "ci95": [lo, hi],
+                "block_nll": [round(float(v), 6) for v in nll],  # paired tests across files
+                "block_tokens": [int(t) for t in tokens],
+            }
+        )
         print(f"{name} ({bits:.3f} bits): ppl {ppl:.2f} [{lo:.2f}, {hi:.2f}]", flush=True)
 
     if not args.skip_allocations:
         score("full precision", None)
         for b, config in allocs.items():
-            score(f"allocation@{b:g}", config)
+            score(f"allocation@{b:g}{suffix}", config)
     for path in args.configs:
         score(f"held-out {Path(path).stem}", ModelQuantConfig.from_json(path))
     if args.out and Path(args.out).is_file():  # keep earlier rows that were not re-scored
@@ -97,6 +125,9 @@ def main() -> None:
         "block_length": int(cfg.task.block_length),
         "target_layers": len(ctx.names),
         "table_and_allocations_seconds": round(table_s, 1),
+        "sensitivity": ctx.sensitivity_record(),
+        "solver": ctx.quant.solver,
+        "solve": {f"{b:g}": a.info.to_dict() for b, a in solved.items() if a.info},
         "rows": rows,
     }
     if args.out:

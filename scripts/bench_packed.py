@@ -115,7 +115,7 @@ def allocations(cfg, cache_dir: Path) -> dict[float, ModelQuantConfig]:
     model, names = load_model(cfg)
     weights = model_weights(model, names)
     return shared_allocations(
-        weights, list(BUDGETS), QuantSpace(), cache_dir, str(cfg.name), "milp"
+        weights, list(BUDGETS), QuantSpace(), cache_dir, str(cfg.name), "exact"
     )
 
 

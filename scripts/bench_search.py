@@ -24,10 +24,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from coalora.quant import ModelQuantConfig
-from coalora.quant.model import model_weights
 from coalora.report.bench import header_lines, write_section
 from coalora.search.loop import run_search
-from coalora.search.pool import initial_pool
+from coalora.search.pool import label_pool
 from coalora.stages.search import build_objective, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +59,12 @@ def main() -> None:
         cfg = compose("search", overrides=overrides)
     cfg.paths.output_dir = "/tmp/coalora-bench-search"
     space, settings = check_config(cfg)
-    objective, _ = build_objective(cfg)
+    objective, _, ctx = build_objective(cfg)
     names, numels = objective.names, objective.numels
-    weights = model_weights(objective.model, names)
-    pool, sources = initial_pool(
-        weights, space, settings.pool, Path(cfg.paths.cache_dir), cfg.model.name, cfg.quant.solver
-    )
+    # the search stage's pool: the run's (or this config's) allocations on search.pool's grid
+    budgets = settings.pool.budgets(space, "search.pool")
+    allocs = ctx.allocations(objective.model, budgets, space=space)
+    pool, sources = label_pool({b: a.config for b, a in allocs.items()})
     rng, options = random.Random(0), space.options()
     initial, init_sources = list(pool), list(sources)
     while len(initial) < args.observations:

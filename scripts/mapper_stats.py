@@ -2,7 +2,8 @@
 
     python scripts/mapper_stats.py <coalora run dir> [--budgets 2.5 3.0 3.5 4.0] [--out FILE]
 
-For each budget's allocation c, over the target layers: ‖γU(c)‖_F / ‖I‖_F (the mapper's share of
+For each budget's configuration c of the run (recorded in its allocations.json, else recomputed
+with the run's own space, solver and sensitivity), over the target layers: ‖γU(c)‖_F / ‖I‖_F (the mapper's share of
 the mixing matrix I + γU), ‖B(I + γU(c)) − B‖_F / ‖B‖_F (how far the folded adapter moves from
 the shared LoRA), and between every pair of budgets ‖B'(c1) − B'(c2)‖_F / ‖B‖_F (how differently
 two configurations are served). Values near 0 mean the run behaves like Shared-LoRA.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 from itertools import combinations
-from pathlib import Path
 
 import torch
 
@@ -28,17 +28,13 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
 
     from coalora.methods.coa_lora import CoALoRA
-    from coalora.quant.build import allocations
-    from coalora.quant.model import model_weights
     from coalora.stages.restore import restore
 
     cfg, lit = restore(args.run, cache_dir=args.cache_dir)
     method = lit.method
     if not isinstance(method, CoALoRA):
         raise SystemExit(f"error: {args.run} is a method={method.name} run, not coalora")
-    cache = Path(args.cache_dir or cfg.paths.cache_dir)
-    weights = model_weights(lit.model, method.names)
-    allocs = allocations(weights, args.budgets, method.space, cache, cfg.model.name)
+    allocs = {b: a.config for b, a in lit.ctx.allocations(lit.model, args.budgets).items()}
     bs = [lora.lora_B.detach() for lora in method.loras]
     rank = bs[0].shape[1]
     eye = torch.eye(rank)

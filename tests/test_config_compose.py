@@ -89,3 +89,15 @@ def test_each_model_declares_its_quant_storage_and_the_command_line_wins(compose
     assert cfg.quant.storage == ("dequantized" if small else "packed")
     other = "packed" if small else "dequantized"
     assert compose([f"model={model}", f"quant.storage={other}"]).quant.storage == other
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_each_model_declares_its_quant_sensitivity_and_the_command_line_wins(compose, model):
+    cfg = compose([f"model={model}", "method=coalora"])
+    # Fisher-weighted allocations for the decoders (measured on SmolLM2), the squared error for
+    # the encoders and the test models (docs/quantization.md, "Sensitivity")
+    decoder = cfg.model.get("kind") == "decoder" and not model.startswith("tiny")
+    assert cfg.quant.sensitivity == ("fisher" if decoder else "none")
+    assert cfg.quant.fisher is None and cfg.quant.sensitivity_examples == 64
+    other = "none" if decoder else "fisher"
+    assert compose([f"model={model}", f"quant.sensitivity={other}"]).quant.sensitivity == other

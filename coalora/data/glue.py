@@ -207,6 +207,8 @@ class GlueDataModule(TaskDataModule):
         if TRAIN not in self.encoded:
             self.setup("fit")
         data = self.train_set
+        if len(data) == 0:  # cycling through nothing would never end
+            raise ValueError("calibration_batches: the training split has no examples")
         size = int(batch_size or self.batch_size)
         g = torch.Generator().manual_seed(int(seed))
         order: list[int] = []

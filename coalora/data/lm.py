@@ -252,6 +252,8 @@ class LMDataModule(TaskDataModule):
         if "train" not in self.blocks:
             self.setup("fit")
         data = self.train_set
+        if len(data) == 0:  # cycling through nothing would never end
+            raise ValueError("calibration_batches: the training split has no examples")
         size = int(batch_size or self.batch_size)
         g = torch.Generator().manual_seed(int(seed))
         order: list[int] = []

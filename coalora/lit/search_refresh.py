@@ -104,9 +104,10 @@ class SearchRefreshCallback(Callback):
             weights,
             method.space,
             PoolGrid.from_cfg(method.cfg.pool, "method.pool"),
-            ctx.cache_dir,
+            ctx.table_cache_dir,
             ctx.model_name,
             ctx.quant.solver,
+            sensitivity=ctx.sensitivity(lit.model),  # the run's: the pool it trained on
         )
         initial = dedupe([*pool, *method.train_set])
         n_pool = len(dedupe(pool))

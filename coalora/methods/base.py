@@ -12,9 +12,8 @@ serves any configuration) and ``export_formats``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import fields
 from typing import Any
 
 from omegaconf import DictConfig
@@ -22,42 +21,16 @@ from torch import Tensor, nn
 
 from coalora.adapters import LoRALinear, inject
 from coalora.errors import ConfigError
+from coalora.methods.context import Batch, MethodContext
 from coalora.quant import (
     ModelQuantConfig,
     QuantSettings,
-    fisher_diagonal,
     freeze_model,
     model_weights,
     own_frozen_weights,
     quantize_model,
 )
-
-Batch = dict[str, Tensor]
-
-
-@dataclass
-class MethodContext:
-    """What a method may use to build itself (assembled by ``coalora.stages.build``)."""
-
-    names: list[str]  # target module names, named_modules() order
-    quant: QuantSettings
-    seed: int = 0
-    model_name: str = "model"
-    task_name: str = "task"
-    positions: list[int] = field(default_factory=list)  # block index of each target layer
-    module_types: list[str] = field(default_factory=list)  # module type of each target layer
-    num_layers: int = 0  # blocks of the model (the mapper's position vocabulary)
-    head_modules: list[str] = field(default_factory=lambda: ["classifier", "score"])
-    batch_size: int = 32  # training batch size (Fisher example counts)
-    # (n_batches, seed, batch_size | None) -> fixed training-split batches; None without data
-    calibration: Callable[..., list[Batch]] | None = None
-    cache_dir: Path | None = None
-    run_dir: Path | None = None
-
-    def calibration_batches(self, n: int, seed: int, batch_size: int | None = None) -> list[Batch]:
-        if self.calibration is None:
-            raise ConfigError("this step needs the task's training data (calibration batches)")
-        return self.calibration(n, seed=seed, batch_size=batch_size)
+from coalora.quant.build import Allocation
 
 
 def settings_from_cfg(cls: type, cfg: Any, prefix: str):
@@ -68,14 +41,6 @@ def settings_from_cfg(cls: type, cfg: Any, prefix: str):
     if unknown:
         raise ConfigError(f"{prefix} has unknown keys {unknown}; allowed: {sorted(known)}")
     return cls(**{k: cfg[k] for k in cfg})
-
-
-def calibration_fisher(model: nn.Module, ctx: MethodContext, n_examples: int) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher of the target weights from ``n_examples`` single-example
-    training batches (LQ-LoRA, arXiv 2311.12023 §3.4; the task loss with the fresh head)."""
-
-    batches = ctx.calibration_batches(n_examples, seed=ctx.seed, batch_size=1)
-    return fisher_diagonal(model, ctx.names, batches, lambda m, b: m(**b).loss)
 
 
 def _positive_number(cfg: DictConfig, key: str) -> None:
@@ -106,6 +71,8 @@ class Method:
         self.cfg = cfg
         self.names: list[str] = []
         self.config: ModelQuantConfig | None = None  # the base's configuration (None: fp / bnb)
+        # budget -> the allocation the run trains or is validated on (recorded in allocations.json)
+        self.solved: dict[float, Allocation] = {}
         self.cache = None
 
     # ---------------------------------------------------------------- validation
@@ -158,9 +125,11 @@ class Method:
             replace_with_bnb_nf4(model, self.names)
             return
 
-        weights = model_weights(model, self.names)
-        fisher = calibration_fisher(model, ctx, q.fisher_examples) if q.needs_fisher else None
-        self.config = q.base_config(weights, None, ctx.cache_dir, ctx.model_name, fisher)
+        if q.mode == "budget":  # the run's allocation (recorded, else with its sensitivity)
+            self.solved = ctx.allocations(model, [q.budget])
+            self.config = self.solved[q.budget].config
+        else:
+            self.config = q.base_config(model_weights(model, self.names), None)
         self.cache = q.build_cache()
         self.qlayers = quantize_model(model, self.names, self.config, self.cache)
 
@@ -193,6 +162,10 @@ class Method:
     def training_loss(self, model: nn.Module, batch: Batch, step: int) -> Tensor:
         """The loss of one optimisation step (``step`` = the global step, for seeded draws)."""
         return model(**batch).loss
+
+    def train_configs(self) -> list[ModelQuantConfig] | None:
+        """The configurations training draws from (None: the one ``config``)."""
+        return None
 
     def extra_state(self) -> dict[str, Any]:
         """Plain-typed state saved in checkpoints next to the trainable parameters."""
@@ -237,4 +210,4 @@ class Method:
         return out
 
 
-__all__ = ["Batch", "Method", "MethodContext", "calibration_fisher", "settings_from_cfg"]
+__all__ = ["Batch", "Method", "MethodContext", "settings_from_cfg"]

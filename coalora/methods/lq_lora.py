@@ -18,8 +18,9 @@ ILP), from a table built with few iterations and dominance pruning (:mod:`coalor
 ``method.lq.allocation=quantization`` uses the plain table every other method shares (the evaluation
 protocol of docs/methods.md).
 Optional Fisher weighting (``method.lq.fisher``): the diagonal empirical Fisher of the fp model on
-training batches weights the SVD (``heuristic``) and the decomposition error; ``quant.fisher``
-weights the allocation costs.
+``calib_batches × data.batch_size`` training examples weights the SVD (``heuristic``);
+``quant.sensitivity=fisher`` weights the allocation costs (and the decomposition error) with the
+run's cached sensitivity (``coalora.quant.sensitivity``), which then also weights the SVD.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from coalora.adapters import LoRALinear, inject, replace_module
 from coalora.errors import CoaloraError, ConfigError
-from coalora.methods.base import Method, MethodContext, calibration_fisher, settings_from_cfg
+from coalora.methods.base import Method, MethodContext, settings_from_cfg
 from coalora.methods.lq_table import cached_lq_error_table
 from coalora.quant import (
     DequantCache,
@@ -148,14 +149,18 @@ class LQLoRA(Method):
     def build_base(self, model: nn.Module, ctx: MethodContext) -> None:
         q = ctx.quant
         weights = {n: w.to(torch.float32) for n, w in model_weights(model, self.names).items()}
-        fisher = None
-        if self.lq.fisher or q.needs_fisher:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        sens = ctx.sensitivity(model) if q.needs_sensitivity else None  # weights the allocation
+        fisher = None if sens is None else sens.fisher
+        if fisher is None and self.lq.fisher:  # the SVD's own Fisher (cached like any sensitivity)
             n_examples = self.lq.calib_batches * int(ctx.batch_size)
-            fisher = calibration_fisher(model, ctx, n_examples)
-            self.report["fisher_examples"] = n_examples
+            fisher = ctx.sensitivity(model, kind="fisher", examples=n_examples).fisher
+        if fisher is not None:
+            self.report["fisher_examples"] = (
+                q.sensitivity_examples if sens else self.lq.calib_batches * int(ctx.batch_size)
+            )
             self.report["fisher_seconds"] = round(time.perf_counter() - t0, 2)
-        self.config = self._configuration(q, weights, fisher, ctx)
+        self.config = self._configuration(model, q, weights, fisher, sens, ctx)
         self.cache = q.build_cache()
         t0 = time.perf_counter()
         layers: dict[str, dict[str, Any]] = {}
@@ -192,28 +197,37 @@ class LQLoRA(Method):
         self.report["layers"] = layers
 
     def _configuration(
-        self, q: QuantSettings, weights, fisher, ctx: MethodContext
+        self, model: nn.Module, q: QuantSettings, weights, fisher, sens, ctx: MethodContext
     ) -> ModelQuantConfig:
         """The base configuration through the one quant path; with ``quant=budget`` and
-        ``method.lq.allocation=decomposition`` it plugs in the decomposition-aware table."""
-        quant_fisher = fisher if q.needs_fisher else None
-        if q.mode != "budget" or self.lq.allocation == "quantization":
-            return q.base_config(weights, None, ctx.cache_dir, ctx.model_name, quant_fisher)
+        ``method.lq.allocation=decomposition`` it plugs in the decomposition-aware table.
+        A restored or resumed run reads the configuration it recorded."""
+        if ctx.record is not None and ctx.record.trained is not None:
+            return ctx.record.trained
+        if q.mode != "budget":
+            return q.base_config(weights, None)
+        if self.lq.allocation == "quantization":  # the allocation every method is scored on
+            self.solved = ctx.allocations(model, [q.budget])
+            return self.solved[q.budget].config
         cache_dir = str(ctx.cache_dir) if (q.table_cache and ctx.cache_dir) else None
+        quant_fisher = None if sens is None else sens.fisher
+        kind = None if sens is None else sens.table_kind
         plain = None
         if self.lq.table_prune:
-            plain = cached_error_table(weights, q.space, cache_dir, ctx.model_name, quant_fisher)
+            plain = cached_error_table(
+                weights, q.space, cache_dir, ctx.model_name, quant_fisher, kind=kind
+            )
         table, seconds = cached_lq_error_table(
             weights, q.space, cache_dir, ctx.model_name,
             int(self.cfg.rank), self.lq.table_iters,
             randomized=self.lq.randomized, oversampling=self.lq.oversampling,
-            fisher=fisher, weighted_error=q.needs_fisher,
+            fisher=fisher, weighted_error=sens is not None,
             weighted_svd=self.lq.heuristic if self.lq.fisher else None,
             plain=plain, seed=self.lq.seed,
         )  # fmt: skip
         self.report["table_seconds"] = round(seconds, 2)
         self.report["table_kind"] = table.kind
-        return q.base_config(weights, None, ctx.cache_dir, ctx.model_name, quant_fisher, table)
+        return q.base_config(weights, None, ctx.cache_dir, ctx.model_name, sens, table)
 
     # ------------------------------------------------------------------ LoRA = L1 L2
     def inject_adapters(self, model: nn.Module, ctx) -> None:

@@ -24,7 +24,6 @@ from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.methods.base import Batch, Method, MethodContext
 from coalora.quant import ModelQuantConfig, QuantSettings, quantize_model, set_model_config
-from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
 from coalora.search.configset import ConfigSet
 from coalora.search.pool import PoolGrid, initial_pool
@@ -82,8 +81,8 @@ class MultiConfigMethod(Method):
         self.solver = q.solver
         weights = model_weights(model, self.names)
         self.numels = {n: w.numel() for n, w in weights.items()}
-        self.eval_set = self._eval_allocations(weights, ctx)
-        self.train_set = self._training_set(weights, ctx)
+        self.eval_set = self._eval_allocations(model, ctx)
+        self.train_set = self._training_set(model, weights, ctx)
         log.info(
             "%s: %d training configurations (%.2f-%.2f bits), eval budgets %s",
             self.name,
@@ -100,14 +99,18 @@ class MultiConfigMethod(Method):
         self.freeze(model, ctx)
 
     # ------------------------------------------------------------------ configuration sets
-    def _eval_allocations(self, weights, ctx: MethodContext) -> dict[str, ModelQuantConfig]:
-        budgets = [float(b) for b in self.cfg.eval_budgets]
-        allocs = allocations(
-            weights, budgets, self.space, ctx.cache_dir, ctx.model_name, self.solver
-        )
-        return {f"{b:g}": c for b, c in allocs.items()}
+    def _eval_allocations(
+        self, model: nn.Module, ctx: MethodContext
+    ) -> dict[str, ModelQuantConfig]:
+        """The run's allocation at each evaluation budget (recorded, else with its settings)."""
+        self.solved = ctx.allocations(model, self.cfg.eval_budgets)
+        return {f"{b:g}": a.config for b, a in self.solved.items()}
 
-    def _training_set(self, weights, ctx: MethodContext) -> list[ModelQuantConfig]:
+    def _training_set(
+        self, model: nn.Module, weights, ctx: MethodContext
+    ) -> list[ModelQuantConfig]:
+        if ctx.record is not None and ctx.record.train_set:  # restored / resumed: as recorded
+            return list(ctx.record.train_set)
         if self.cfg.get("train_on", "pool") == "eval_budgets":
             return list(self.eval_set.values())
         if self.cfg.get("configset"):
@@ -132,9 +135,13 @@ class MultiConfigMethod(Method):
             return [cs.entry_config(e) for e in entries]
         grid = PoolGrid.from_cfg(self.cfg.pool, "method.pool")
         configs, _ = initial_pool(
-            weights, self.space, grid, ctx.cache_dir, ctx.model_name, self.solver
-        )
+            weights, self.space, grid, ctx.table_cache_dir, ctx.model_name, self.solver,
+            sensitivity=ctx.sensitivity(model),
+        )  # fmt: skip
         return configs
+
+    def train_configs(self) -> list[ModelQuantConfig]:
+        return list(self.train_set)
 
     def set_training_set(self, configs: list[ModelQuantConfig]) -> None:
         """Swap the configurations drawn from (the in-training search refresh uses this)."""

@@ -11,6 +11,7 @@ from coalora.quant.allocation import (
     build_error_table,
     cached_error_table,
     prune_dominated,
+    solve_mckp_exact,
     solve_mckp_lagrangian,
     solve_mckp_milp,
 )
@@ -102,6 +103,7 @@ __all__ = [
     "quantize_nf_blockwise",
     "resident_weight_bytes",
     "set_model_config",
+    "solve_mckp_exact",
     "solve_mckp_lagrangian",
     "solve_mckp_milp",
     "target_linear_names",

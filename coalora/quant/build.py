@@ -6,13 +6,16 @@ Modes (docs/quantization.md): ``none`` (full precision), ``uniform`` / ``nf4`` (
 for every target layer; nf4 = (4, 8, fp32, 64, 256) = 4.127 bits), ``budget`` (the error-minimising
 allocation at ``quant.budget`` average bits, LQ-LoRA's integer program, arXiv 2311.12023 §3.2),
 ``file`` (a ModelQuantConfig JSON) and ``bnb_nf4`` (bitsandbytes Linear4bit; no ModelQuantConfig).
+``quant.sensitivity`` (``none`` | ``fisher``) weights every allocation's errors by a cached,
+loss-aware sensitivity (``sensitivity.py``; docs/quantization.md, "Sensitivity").
 Only mapping access to the config: a DictConfig or a plain dict both work.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,15 +25,16 @@ from torch import Tensor
 from coalora.errors import CoaloraError, ConfigError
 from coalora.quant.allocation import (
     SOLVERS,
+    SolveInfo,
     allocate,
-    build_error_table,
-    cached_allocations,
+    cached_allocation,
     cached_error_table,
 )
 from coalora.quant.config import FIELDS, ModelQuantConfig, QuantConfig, QuantSpace
 from coalora.quant.error_table import ErrorTable
 from coalora.quant.linear import DequantCache
 from coalora.quant.packed import STORAGES
+from coalora.quant.sensitivity import Sensitivity, check_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,10 @@ KEYS = (
     "budget",
     "file",
     "solver",
-    "fisher",
-    "fisher_examples",
+    "sensitivity",
+    "sensitivity_examples",
+    "fisher",  # deprecated alias of sensitivity (true: fisher, false: none)
+    "fisher_examples",  # deprecated alias of sensitivity_examples
     "cache_limit_mb",
     "table_cache",
     "storage",
@@ -67,9 +73,9 @@ class QuantSettings:
     config: QuantConfig | None = None  # uniform / nf4
     budget: float | None = None  # budget
     file: str | None = None  # file
-    solver: str = "milp"
-    fisher: bool = False
-    fisher_examples: int = 64
+    solver: str = "exact"
+    sensitivity: str = "none"  # none | fisher: what weights the allocation errors
+    sensitivity_examples: int = 64
     cache_limit_mb: float = 4096.0
     table_cache: bool = True
     storage: str = "dequantized"  # how cached weights are held (docs/packed.md)
@@ -83,12 +89,12 @@ class QuantSettings:
         if mode not in MODES:
             raise ConfigError(f"quant.mode={mode!r} is not allowed; allowed: {list(MODES)}")
         space = QuantSpace.from_cfg(_get(q, "space"), prefix="quant.space")
-        solver = _get(q, "solver", "milp")
+        solver = _get(q, "solver", "exact")
         if solver not in SOLVERS:
             raise ConfigError(f"quant.solver={solver!r} is not allowed; allowed: {list(SOLVERS)}")
-        for key in ("fisher", "table_cache"):
-            if not isinstance(_get(q, key, False), bool):
-                raise ConfigError(f"quant.{key}={_get(q, key)!r} must be true or false")
+        if not isinstance(_get(q, "table_cache", True), bool):
+            raise ConfigError(f"quant.table_cache={_get(q, 'table_cache')!r} must be true or false")
+        sensitivity, n_examples = _sensitivity(q)
         limit = _get(q, "cache_limit_mb", 4096)
         if not _is_number(limit) or limit < 0:
             raise ConfigError(f"quant.cache_limit_mb={limit!r} must be a number ≥ 0")
@@ -97,9 +103,6 @@ class QuantSettings:
             raise ConfigError(
                 f"quant.storage={storage!r} is not allowed; allowed: {list(STORAGES)}"
             )
-        n_fisher = _get(q, "fisher_examples", 64)
-        if isinstance(n_fisher, bool) or not isinstance(n_fisher, int) or n_fisher < 1:
-            raise ConfigError(f"quant.fisher_examples={n_fisher!r} must be an integer >= 1")
         config = budget = file = None
         if mode in ("uniform", "nf4"):
             config = _uniform_config(_get(q, "config"), space, mode)
@@ -132,8 +135,8 @@ class QuantSettings:
             budget=budget,
             file=file,
             solver=solver,
-            fisher=bool(_get(q, "fisher", False)),
-            fisher_examples=int(n_fisher),
+            sensitivity=sensitivity,
+            sensitivity_examples=n_examples,
             cache_limit_mb=float(limit),
             table_cache=bool(_get(q, "table_cache", True)),
             storage=str(storage),
@@ -145,8 +148,13 @@ class QuantSettings:
         return self.mode not in ("none", "bnb_nf4")
 
     @property
-    def needs_fisher(self) -> bool:
-        return self.mode == "budget" and self.fisher
+    def fisher(self) -> bool:
+        return self.sensitivity == "fisher"
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        """A single-configuration base that allocates (``budget``) with a loss-aware weighting."""
+        return self.mode == "budget" and self.sensitivity != "none"
 
     def build_cache(self) -> DequantCache:
         """The dequantized-weight cache every quantized base switches through."""
@@ -158,15 +166,16 @@ class QuantSettings:
         numels: Mapping[str, int] | None = None,
         cache_dir: str | Path | None = None,
         model_name: str = "model",
-        fisher: Mapping[str, Tensor] | None = None,
+        sensitivity: Sensitivity | None = None,
         table: ErrorTable | None = None,
     ) -> ModelQuantConfig | None:
         """The ModelQuantConfig these settings ask for, or None for ``none`` / ``bnb_nf4``.
 
         ``weights`` (target name -> fp weight) are needed for ``budget``; ``numels`` default to
         the weights' sizes. ``cache_dir`` + ``model_name`` key the on-disk error table and
-        allocation (``quant.table_cache``). ``fisher`` is required when ``quant.fisher`` is true.
-        ``table`` replaces the error table (LQ-LoRA's decomposition-aware costs).
+        allocation (``quant.table_cache``). ``sensitivity`` (``sensitivity.py``) is required
+        when ``quant.sensitivity`` is not ``none``. ``table`` replaces the error table (LQ-LoRA's
+        decomposition-aware costs).
         """
         if not self.quantized:
             return None
@@ -180,30 +189,34 @@ class QuantSettings:
             return self._from_file(numels)
         if weights is None:
             raise ValueError("quant.mode=budget needs the target weights to compute errors")
-        if self.fisher and fisher is None:
-            raise ConfigError(
-                "quant.fisher=true needs a Fisher diagonal (coalora.quant.fisher_diagonal); "
-                "none was given"
-            )
+        self.check_sensitivity(sensitivity)
         use_cache = self.table_cache and cache_dir is not None
         try:
-            if table is None and not self.fisher and use_cache:
-                return allocations(
-                    weights, [self.budget], self.space, cache_dir, model_name, self.solver
-                )[self.budget]
             if table is None:
-                f = fisher if self.fisher else None
-                table = (
-                    cached_error_table(weights, self.space, str(cache_dir), model_name, f)
-                    if use_cache
-                    else build_error_table(weights, self.space, f)
-                )
+                return allocations(
+                    weights,
+                    [self.budget],
+                    self.space,
+                    cache_dir if use_cache else None,
+                    model_name,
+                    self.solver,
+                    sensitivity,
+                )[self.budget]
             config = allocate(weights, self.budget, self.space, table=table, solver=self.solver)
         except CoaloraError:
             raise
         except ValueError as e:  # an unreachable budget names both achievable ends
             raise ConfigError(f"quant: {e}") from None
         return ModelQuantConfig(dict(config.configs), dict(numels))
+
+    def check_sensitivity(self, sensitivity: Sensitivity | None) -> None:
+        """The sensitivity given for an allocation is the kind these settings ask for."""
+        kind = "none" if sensitivity is None else sensitivity.kind
+        if kind != self.sensitivity:
+            raise ConfigError(
+                f"quant.sensitivity={self.sensitivity} needs a {self.sensitivity} sensitivity "
+                f"(coalora.quant.sensitivity); {kind} was given"
+            )
 
     def _from_file(self, numels: Mapping[str, int]) -> ModelQuantConfig:
         config = ModelQuantConfig.from_json(self.file)
@@ -226,6 +239,27 @@ class QuantSettings:
         return ModelQuantConfig({n: config[n] for n in numels}, dict(numels))  # model's order
 
 
+def _sensitivity(q: Any) -> tuple[str, int]:
+    """(``quant.sensitivity``, ``quant.sensitivity_examples``), honouring the deprecated aliases
+    ``quant.fisher`` (true: fisher, false: none) and ``quant.fisher_examples`` with a warning."""
+    kind = check_sensitivity(_get(q, "sensitivity", "none") or "none")
+    fisher = _get(q, "fisher")
+    if fisher is not None:
+        if not isinstance(fisher, bool):
+            raise ConfigError(f"quant.fisher={fisher!r} must be true or false (deprecated)")
+        log.warning(
+            "quant.fisher is deprecated: use quant.sensitivity=%s", "fisher" if fisher else "none"
+        )
+        kind = "fisher" if fisher else "none"
+    n = _get(q, "sensitivity_examples", 64)
+    if _get(q, "fisher_examples") is not None:
+        log.warning("quant.fisher_examples is deprecated: use quant.sensitivity_examples")
+        n = _get(q, "fisher_examples")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"quant.sensitivity_examples={n!r} must be an integer >= 1")
+    return kind, int(n)
+
+
 def _uniform_config(cfg: Any, space: QuantSpace, mode: str) -> QuantConfig:
     """``quant.config`` validated field by field against ``quant.space``."""
     if cfg is None:
@@ -241,26 +275,73 @@ def _uniform_config(cfg: Any, space: QuantSpace, mode: str) -> QuantConfig:
     return QuantConfig.from_dict(cfg, prefix="quant.config")
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """One budget's configuration and how it was obtained: ``info`` is the solver's
+    :class:`SolveInfo` (None when unknown), ``source`` ``computed`` (solved or read from the
+    allocation cache) or ``recorded`` (read from a run's ``allocations.json``)."""
+
+    budget: float
+    config: ModelQuantConfig
+    info: SolveInfo | None = None
+    source: str = "computed"
+
+
+def solve_allocations(
+    weights: Mapping[str, Tensor],
+    budgets: Iterable[float],
+    space: QuantSpace,
+    cache_dir: str | Path | None,
+    model_name: str,
+    solver: str = "exact",
+    sensitivity: Sensitivity | None = None,
+) -> dict[float, Allocation]:
+    """The allocation per budget with its :class:`SolveInfo`: the configuration every method is
+    trained or scored on at that budget.
+
+    Errors are the weights' squared error, weighted by ``sensitivity`` when given (its
+    ``table_kind`` keys the error table, so MSE and Fisher tables and allocations never share a
+    file). Cached on disk next to the error table (keyed by the table's kind and fingerprint,
+    space, budget and solver; checksummed and written under a file lock, docs/reliability.md),
+    so training, evaluation, export and search all read the same configuration."""
+    budgets = [float(b) for b in budgets]
+    cache = str(cache_dir) if cache_dir else None
+    fisher = None if sensitivity is None else sensitivity.fisher
+    kind = None if sensitivity is None else sensitivity.table_kind
+    table = cached_error_table(weights, space, cache, model_name, fisher, kind=kind)
+    out: dict[float, Allocation] = {}
+    t0 = time.perf_counter()
+    try:
+        for i, b in enumerate(budgets):
+            config, info = cached_allocation(table, b, space, cache_dir, model_name, solver)
+            out[b] = Allocation(b, config, info)
+            if len(budgets) > 4 and (i + 1) % 10 == 0:  # pools: a line per 10 allocations
+                log.info(
+                    "allocations: %d/%d (%.0fs)", i + 1, len(budgets), time.perf_counter() - t0
+                )
+    except ValueError as e:  # an unreachable budget names both achievable ends
+        raise ConfigError(str(e)) from None
+    statuses = [a.info.status if a.info is not None else "unknown" for a in out.values()]
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+    log.info(
+        "allocations: %d budget%s (%s errors, solver %s): %s",
+        len(out), "" if len(out) == 1 else "s", table.kind, solver, counts or "-",
+    )  # fmt: skip
+    return out
+
+
 def allocations(
     weights: Mapping[str, Tensor],
     budgets: list[float],
     space: QuantSpace,
     cache_dir: str | Path | None,
     model_name: str,
-    solver: str = "milp",
+    solver: str = "exact",
+    sensitivity: Sensitivity | None = None,
 ) -> dict[float, ModelQuantConfig]:
-    """The data-free allocation per budget: the configuration every method is scored on.
-
-    Cached on disk next to the error table (keyed by the table's fingerprint, space, budget and
-    solver; checksummed and written under a file lock, docs/reliability.md), so training,
-    evaluation, export and search all read the same configuration."""
-    table = cached_error_table(weights, space, str(cache_dir) if cache_dir else None, model_name)
-    try:
-        return cached_allocations(
-            table, [float(b) for b in budgets], space, cache_dir, model_name, solver
-        )
-    except ValueError as e:  # an unreachable budget names both achievable ends
-        raise ConfigError(str(e)) from None
+    """:func:`solve_allocations` without the solver information (budget -> configuration)."""
+    solved = solve_allocations(weights, budgets, space, cache_dir, model_name, solver, sensitivity)
+    return {b: a.config for b, a in solved.items()}
 
 
 # ---------------------------------------------------------------- function forms of the settings
@@ -285,20 +366,22 @@ def build_model_config(
     numels: Mapping[str, int] | None = None,
     cache_dir: str | None = None,
     model_name: str = "model",
-    fisher: Mapping[str, Tensor] | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> ModelQuantConfig | None:
     """``QuantSettings.from_cfg(quant_cfg).base_config(...)``."""
     return QuantSettings.from_cfg(quant_cfg).base_config(
-        weights, numels, cache_dir, model_name, fisher
+        weights, numels, cache_dir, model_name, sensitivity
     )
 
 
 __all__ = [
     "MODES",
+    "Allocation",
     "QuantSettings",
     "allocations",
     "build_cache",
     "build_model_config",
     "quant_mode",
     "quant_space",
+    "solve_allocations",
 ]

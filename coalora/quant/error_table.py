@@ -13,9 +13,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,34 +211,75 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _error_rows(weights, options, fisher, residual_fn) -> Tensor:
-    rows = []
-    n, t0, next_report = len(weights), time.perf_counter(), 0.0
-    log.info("error table: %d layers x %d options ...", n, len(options))
-    for i, (name, W) in enumerate(weights.items()):
+def table_workers() -> int:
+    """Threads that build an error table: ``COALORA_TABLE_WORKERS``, else 2 on machines with at
+    least two cores. Each layer is computed whole by one thread with one intra-op thread, so the
+    table is bit-identical for any number of workers (docs/quantization.md, "Error tables")."""
+    env = os.environ.get("COALORA_TABLE_WORKERS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"COALORA_TABLE_WORKERS={env!r} must be an integer >= 1") from None
+        if n < 1:
+            raise ValueError(f"COALORA_TABLE_WORKERS={env!r} must be an integer >= 1")
+        return n
+    return min(2, os.cpu_count() or 1)
+
+
+def _error_row(name, W, options, fisher, residual_fn) -> Tensor:
+    # One intra-op thread in *this* thread too: OpenMP's thread count is per calling thread, so a
+    # worker thread would otherwise start with the process default (see ``_one_thread``).
+    torch.set_num_threads(1)
+    F = None
+    if fisher is not None:
+        if name not in fisher:
+            raise ValueError(f"fisher has no entry for layer {name!r}")
+        F = fisher[name].to(torch.float32)
+        if F.shape != W.shape:
+            raise ValueError(
+                f"fisher[{name!r}] has shape {tuple(F.shape)}; weight has {tuple(W.shape)}"
+            )
+    if residual_fn is None:
+        return quantization_errors(W, options, F)
+    Wf = W.detach().to(torch.float32)
+    row = torch.empty(len(options), dtype=torch.float64)
+    for k, qc in enumerate(options):
+        err = (Wf - residual_fn(Wf, qc).to(torch.float32)).square()
+        row[k] = (err if F is None else err * F).sum(dtype=torch.float64)
+    return row
+
+
+def _error_rows(weights, options, fisher, residual_fn, workers: int | None = None) -> Tensor:
+    """(N, K) errors. Layers are spread over ``workers`` threads (torch releases the GIL inside
+    its kernels); a caller's ``residual_fn`` runs on one thread, as it may not be thread-safe."""
+    n, t0, next_report = len(weights), time.perf_counter(), 10.0
+    workers = 1 if residual_fn is not None else (workers or table_workers())
+    log.info("error table: %d layers x %d options (%d threads) ...", n, len(options), workers)
+    items = list(weights.items())
+    rows: list[Tensor | None] = [None] * n
+
+    def report(done: int) -> None:
+        nonlocal next_report
         elapsed = time.perf_counter() - t0
-        if i and elapsed >= next_report:  # a line every ~10 s of work, also in train.log
-            eta = elapsed / i * (n - i)
-            log.info("error table: %d/%d layers (%.0fs, ETA %.0fs)", i, n, elapsed, eta)
+        if done < n and elapsed >= next_report:  # a line every ~10 s of work, also in train.log
+            eta = elapsed / done * (n - done)
+            log.info("error table: %d/%d layers (%.0fs, ETA %.0fs)", done, n, elapsed, eta)
             next_report = elapsed + 10.0
-        F = None
-        if fisher is not None:
-            if name not in fisher:
-                raise ValueError(f"fisher has no entry for layer {name!r}")
-            F = fisher[name].to(torch.float32)
-            if F.shape != W.shape:
-                raise ValueError(
-                    f"fisher[{name!r}] has shape {tuple(F.shape)}; weight has {tuple(W.shape)}"
-                )
-        if residual_fn is None:
-            rows.append(quantization_errors(W, options, F))
-            continue
-        Wf = W.detach().to(torch.float32)
-        row = torch.empty(len(options), dtype=torch.float64)
-        for k, qc in enumerate(options):
-            err = (Wf - residual_fn(Wf, qc).to(torch.float32)).square()
-            row[k] = (err if F is None else err * F).sum(dtype=torch.float64)
-        rows.append(row)
+
+    if workers == 1:
+        for i, (name, W) in enumerate(items):
+            rows[i] = _error_row(name, W, options, fisher, residual_fn)
+            report(i + 1)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="error-table") as pool:
+            futures = {
+                pool.submit(_error_row, name, W, options, fisher, residual_fn): i
+                for i, (name, W) in enumerate(items)
+            }
+            for done, fut in enumerate(as_completed(futures), start=1):
+                rows[futures[fut]] = fut.result()
+                report(done)
     log.info("error table: %d layers done in %.1fs", n, time.perf_counter() - t0)
     return torch.stack(rows)  # (N, K)
 
@@ -303,5 +346,6 @@ __all__ = [
     "cached_error_table",
     "cached_table",
     "table_path",
+    "table_workers",
     "weights_fingerprint",
 ]

@@ -2,9 +2,11 @@
 §4.3, step 1 of the configuration search). Shared-LoRA and CoA-LoRA train on it when no searched
 configuration set is given, and the search scores it before its first round.
 
-The pool is built once per (model, space, grid, solver) and cached as a configset file under the
-cache directory; each allocation in it is the one :func:`coalora.quant.build.allocations` returns,
-so a pool entry at b bits is exactly the configuration every method is evaluated on at b bits.
+The pool is built once per (model, space, sensitivity, grid, solver) and cached as a configset
+file under the cache directory; each allocation in it is the one
+:func:`coalora.quant.build.allocations` returns with the run's sensitivity (``quant.sensitivity``,
+docs/quantization.md), so a pool entry at b bits is exactly the configuration every method is
+evaluated on at b bits, and an MSE pool and a Fisher pool never share a file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from coalora.cachefile import get_or_compute, json_bytes, json_value
 from coalora.errors import ConfigError
 from coalora.quant import ModelQuantConfig, QuantSpace
 from coalora.quant.build import allocations
+from coalora.quant.sensitivity import Sensitivity
 from coalora.search.configset import ConfigSet
 
 
@@ -68,50 +71,62 @@ def dedupe(configs: list[ModelQuantConfig]) -> list[ModelQuantConfig]:
     return out
 
 
+def label_pool(
+    allocs: dict[float, ModelQuantConfig],
+) -> tuple[list[ModelQuantConfig], list[str]]:
+    """(configurations, sources): the distinct allocations in budget order, each labelled with
+    the first budget that produced it (``allocation@<bits>``)."""
+    configs = dedupe(list(allocs.values()))
+    by_config: dict[tuple, str] = {}
+    for b, c in allocs.items():
+        by_config.setdefault(tuple(c.configs.items()), f"allocation@{b:g}")
+    return configs, [by_config[tuple(c.configs.items())] for c in configs]
+
+
 def initial_pool(
     weights: dict[str, Tensor],
     space: QuantSpace,
     grid: PoolGrid,
     cache_dir: Path | None,
     model_name: str,
-    solver: str = "milp",
+    solver: str = "exact",
     key: str = "method.pool",
+    sensitivity: Sensitivity | None = None,
 ) -> tuple[list[ModelQuantConfig], list[str]]:
-    """(configurations, sources): the deduplicated allocations on ``grid``, each labelled with
-    the first budget that produced it (``allocation@<bits>``)."""
+    """(configurations, sources): the deduplicated allocations on ``grid`` (errors weighted by
+    ``sensitivity`` when given), each labelled with the first budget that produced it
+    (``allocation@<bits>``)."""
     names = list(weights)
+    errors = "mse" if sensitivity is None else sensitivity.table_kind
 
     def compute() -> dict:
         budgets = grid.budgets(space, key)
-        allocs = allocations(weights, budgets, space, cache_dir, model_name, solver)
-        configs = dedupe(list(allocs.values()))
-        by_config: dict[tuple, str] = {}
-        for b, c in allocs.items():
-            by_config.setdefault(tuple(c.configs.items()), f"allocation@{b:g}")
+        allocs = allocations(weights, budgets, space, cache_dir, model_name, solver, sensitivity)
+        configs, sources = label_pool(allocs)
         return ConfigSet.from_model_configs(
             configs,
             space=space,
-            sources=[by_config[tuple(c.configs.items())] for c in configs],
+            sources=sources,
             pareto=[True] * len(configs),
             provenance={
                 "model": model_name,
                 "kind": "initial pool",
                 "grid": [grid.start, grid.stop, grid.step],
                 "solver": solver,
+                "errors": errors,
             },
         ).to_dict()
 
     def decode(payload: bytes) -> tuple[list[ModelQuantConfig], list[str]]:
-        cs = ConfigSet.from_dict(
-            json_value(payload), expected_names=names, space=space, where="cached pool"
-        )
+        d = json_value(payload)
+        if (d.get("provenance") or {}).get("errors") != errors:
+            raise ValueError(f"it was allocated with other errors than {errors}")
+        cs = ConfigSet.from_dict(d, expected_names=names, space=space, where="cached pool")
         return cs.to_model_configs(), [e.source or "allocation" for e in cs.entries]
 
     if cache_dir is None:
         return decode(json_bytes(compute()))
     g = grid
-    path = (
-        Path(cache_dir)
-        / f"pool-v2-{model_name}-{space.digest()}-{solver}-{g.start:g}-{g.stop:g}-{g.step:g}.json"
-    )
+    tag = f"{model_name}-{space.digest()}-{errors}-{solver}-{g.start:g}-{g.stop:g}-{g.step:g}"
+    path = Path(cache_dir) / f"pool-v3-{tag}.json"
     return get_or_compute(path, compute, json_bytes, decode, what="initial pool")

@@ -32,6 +32,7 @@ from coalora.models import (
     task_kind,
 )
 from coalora.quant import QuantSettings
+from coalora.quant.record import read_record
 from coalora.stages.common import AtomicCheckpointIO, instantiate_dict
 
 
@@ -146,6 +147,19 @@ def build_datamodule(cfg: DictConfig, tokenizer):
     return dm
 
 
+def lazy_calibration(cfg: DictConfig):
+    """``calibration_batches`` of the run's datamodule, built on first use (a restored run needs
+    its data only to recompute a sensitivity it did not find cached)."""
+    built: list = []
+
+    def calibration(n: int, seed: int = 0, batch_size: int | None = None):
+        if not built:
+            built.append(build_datamodule(cfg, build_tokenizer(cfg.model)))
+        return built[0].calibration_batches(n, seed=seed, batch_size=batch_size)
+
+    return calibration
+
+
 def method_context(
     cfg: DictConfig,
     model,
@@ -153,11 +167,19 @@ def method_context(
     datamodule: Any = None,
     run_dir: Path | None = None,
     cache_dir: str | Path | None = None,
+    record_dir: Path | None = None,
 ) -> MethodContext:
-    """What a method may use: target names and layer structure, seed, data, cache."""
+    """What a method may use: target names and layer structure, seed, data (the datamodule's
+    calibration batches, else the run's data built on first use), cache, a full-precision
+    backbone builder, and the configurations recorded in ``record_dir`` (``allocations.json``,
+    ``coalora.quant.record``) when it holds a record that matches the run."""
     targets = find_targets(model, list(cfg.model.target_modules))  # from the module tree
+    names = [t.name for t in targets]
+    record = read_record(
+        record_dir, quant, names, str(cfg.model.name), str(cfg.task.name), int(cfg.seed)
+    )
     return MethodContext(
-        names=[t.name for t in targets],
+        names=names,
         quant=quant,
         seed=int(cfg.seed),
         model_name=str(cfg.model.name),
@@ -167,21 +189,33 @@ def method_context(
         num_layers=int(cfg.model.get("num_layers", 0) or 0),
         head_modules=list(cfg.model.get("head_modules", ["classifier", "score"])),
         batch_size=int(cfg.data.batch_size) if "data" in cfg else 32,
-        calibration=None if datamodule is None else datamodule.calibration_batches,
+        calibration=lazy_calibration(cfg) if datamodule is None else datamodule.calibration_batches,
         cache_dir=Path(cache_dir or cfg.paths.cache_dir),
         run_dir=run_dir,
+        fp_model=lambda: build_backbone(cfg),
+        record=record,
     )
 
 
 def prepare(cfg: DictConfig, with_data: bool = True) -> tuple[Any, Any, Method, MethodContext]:
     """Validate and build (datamodule, model, method, ctx); the method is not set up yet.
-    Writes nothing."""
+    Writes nothing. A resumed run (``ckpt_path``) reads the configurations its run recorded."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method, quant = check_run(cfg)
     dm = build_datamodule(cfg, build_tokenizer(cfg.model)) if with_data else None
     model = build_backbone(cfg)
-    ctx = method_context(cfg, model, quant, dm, run_dir_of(cfg))
+    resumed = cfg.get("ckpt_path")
+    record_dir = checkpoint_run_dir(resumed) if resumed else None
+    ctx = method_context(cfg, model, quant, dm, run_dir_of(cfg), record_dir=record_dir)
     return dm, model, method, ctx
+
+
+def checkpoint_run_dir(ckpt: str | Path) -> Path:
+    """The run directory of a checkpoint (``<run>/checkpoints/x.ckpt``) or of a run directory."""
+    p = Path(ckpt)
+    if p.is_dir():
+        return p
+    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
 
 
 def build_module(cfg: DictConfig, model, method: Method, ctx: MethodContext) -> FinetuneModule:

@@ -1,4 +1,5 @@
-"""Shared run plumbing: environment defaults, run metadata, checkpoint I/O, loggers, callbacks."""
+"""Shared run plumbing: environment defaults, run metadata (incl. the record of the run's
+configurations), checkpoint I/O, loggers, callbacks."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json, atomic_write_text
+from coalora.quant.record import RunRecord
+
+log = logging.getLogger(__name__)
 
 PACKAGES = (
     "coalora",
@@ -131,6 +135,38 @@ def write_run_info(cfg: DictConfig, run_dir: Path, stage: str, extra: dict | Non
     }
     info.update(extra or {})
     atomic_write_json(run_dir / "run_info.json", info)
+
+
+def record_configurations(cfg: DictConfig, run_dir: Path, method, ctx) -> Path | None:
+    """``<run>/allocations.json`` (``coalora.quant.record``): the configurations the run trains
+    and is validated on, with their solver information and the settings (space, solver,
+    sensitivity) they came from. ``evaluate.py``, ``export.py``, ``search.py ckpt=`` and the
+    scripts read them back through ``MethodContext.allocations``. A run resumed in the directory
+    that holds its record keeps it as is."""
+    if not is_global_zero():
+        return None
+    old = ctx.record
+    if old is not None and old.path is not None and old.path.parent.resolve() == run_dir.resolve():
+        return old.path
+    q = ctx.quant
+    record = RunRecord(
+        model=str(cfg.model.name), task=str(cfg.task.name), method=str(method.name),
+        space=q.space, solver=q.solver, sensitivity=ctx.sensitivity_record(),
+        allocations=dict(method.solved),
+        trained=None if method.switches_configs else method.config,
+        train_set=method.train_configs(),
+    )  # fmt: skip
+    path = record.save(run_dir)
+    n_train = len(record.train_set or [])
+    log.info(
+        "recorded %d budget allocations%s (%s errors, solver %s) in %s",
+        len(record.allocations),
+        f" and {n_train} training configurations" if n_train else "",
+        q.sensitivity if q.sensitivity != "none" else "squared",
+        q.solver,
+        path,
+    )
+    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,9 +1,10 @@
 """``python evaluate.py ckpt=<run dir> eval.budgets=[2.5,3.0,3.5,4.0]`` (docs/methods.md,
 "Evaluation protocol").
 
-For every budget: the allocation at that budget (data-free error table, the same configuration
-every method is scored on) plus held-out random configurations near it (CoA-LoRA's
-generalisation). The trained run is adapted to each configuration — for CoA-LoRA one mapper call
+For every budget: the run's configuration at that budget (the one it recorded in
+``allocations.json`` when it validated on that budget, else the allocation recomputed with the
+run's space, solver and sensitivity: ``MethodContext.allocations``) plus held-out random
+configurations near it (CoA-LoRA's generalisation). The trained run is adapted to each configuration — for CoA-LoRA one mapper call
 (+ the base switch through the cache) — and scored on the task's dev split. Writes
 ``results.json``, ``results.csv`` and ``metric_vs_bits.png``.
 """
@@ -25,8 +26,6 @@ from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json
 from coalora.models import build_tokenizer, task_kind
 from coalora.quant import ModelQuantConfig, QuantSpace
-from coalora.quant.build import allocations
-from coalora.quant.model import model_weights
 from coalora.report.plots import plot_metric_vs_bits
 from coalora.stages.common import set_env_defaults, write_run_info
 from coalora.stages.restore import load_run
@@ -121,16 +120,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bits = 32.0 if trained is None else round(trained.average_bits(), 4)
         log.info("method=%s serves only its trained configuration (%g bits)", method.name, bits)
         allocs = {bits: trained}
-    else:  # the run's own solver: the configuration training validated on at each budget
-        weights = model_weights(lit.model, method.names)
-        allocs = allocations(
-            weights,
-            [float(b) for b in cfg.eval.budgets],
-            space,
-            Path(cfg.paths.cache_dir),
-            run_cfg.model.name,
-            quant.solver,
-        )
+        sources = {f"{bits:g}": "trained"}
+    else:  # the configuration training validated on at each budget (recorded, else recomputed)
+        solved = lit.ctx.allocations(lit.model, cfg.eval.budgets)
+        allocs = {b: a.config for b, a in solved.items()}
+        sources = {f"{b:g}": a.source for b, a in solved.items()}
     zero_shot = list(cfg.eval.get("lm_eval_tasks") or [])
     tokenizer = None
     if zero_shot:
@@ -188,6 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "method": run_cfg.method.name,
         "model": run_cfg.model.name,
         "task": run_cfg.task.name,
+        "sensitivity": quant.sensitivity,
+        "solver": quant.solver,
+        "allocations": sources,  # per budget: recorded (allocations.json) / computed / trained
         "rows": rows,
     }
     atomic_write_json(out_dir / "results.json", results)

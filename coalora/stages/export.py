@@ -15,7 +15,9 @@ Two formats (``format=``):
 
 Methods trained on one configuration (QLoRA, LQ-LoRA, QWHA) export that configuration; a different
 ``quant.budget``/``quant.file`` is an error. Multi-configuration methods (CoA-LoRA, Shared-LoRA)
-need one. The output directory is written to a temporary sibling and renamed, so an interrupted
+need one: a budget exports the run's configuration at that budget (the one recorded in its
+``allocations.json``, else recomputed with the run's space, solver and sensitivity:
+``MethodContext.allocations``). The output directory is written to a temporary sibling and renamed, so an interrupted
 export leaves nothing half-written.
 """
 
@@ -36,7 +38,6 @@ from coalora.io import atomic_write_json, replace_dir_atomically
 from coalora.methods import registry
 from coalora.models import build_tokenizer, task_kind
 from coalora.quant import ModelQuantConfig, QuantLinear, fake_quantize
-from coalora.quant.build import allocations
 from coalora.quant.model import model_weights
 from coalora.stages.build import build_backbone
 from coalora.stages.restore import load_run_config, resolve_checkpoint, restore
@@ -45,9 +46,8 @@ FORMATS = ("auto", "peft", "merged", "packed")
 MARKER = "coalora_export.json"
 
 
-def export_configuration(
-    cfg: DictConfig, run_cfg: DictConfig, lit, cache_dir: str | None = None
-) -> ModelQuantConfig | None:
+def export_configuration(cfg: DictConfig, lit) -> ModelQuantConfig | None:
+    """The configuration ``quant.budget`` / ``quant.file`` asks for, for the run ``lit``."""
     q = cfg.quant
     method = lit.method
     if not method.switches_configs:  # trained on one configuration: that is what it serves
@@ -63,12 +63,8 @@ def export_configuration(
     if q.mode == "budget":
         if q.budget is None:
             raise ConfigError("quant=budget needs quant.budget=<average bits>")
-        space = method.space
-        weights = model_weights(lit.model, method.names)
-        b = float(q.budget)
-        cache = Path(cache_dir) if cache_dir else None
-        # the run's own solver: the same configuration training validated on at this budget
-        return allocations(weights, [b], space, cache, run_cfg.model.name, lit.ctx.quant.solver)[b]
+        b = float(q.budget)  # the configuration training validated on at this budget
+        return lit.ctx.allocations(lit.model, [b])[b].config
     raise ConfigError(f"export: quant={q.mode} is not allowed; allowed: ['budget', 'file']")
 
 
@@ -343,7 +339,7 @@ def run(cfg: DictConfig) -> Path:
     run_cfg, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir)
     if fmt == "packed":
         return export_packed(cfg, run_cfg, lit, run_dir)
-    config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
+    config = export_configuration(cfg, lit)
     method = lit.method
     method.adapt(lit.model, config)
     head_names = list(run_cfg.model.get("head_modules", ["classifier", "score"]))
@@ -410,14 +406,10 @@ def export_packed(cfg: DictConfig, run_cfg: DictConfig, lit, run_dir: Path) -> P
         for b in budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)):
                 raise ConfigError(f"quant.budgets={budgets}: {b!r} is not a number (average bits)")
-        weights = model_weights(lit.model, method.names)
-        allocs = allocations(
-            weights, [float(b) for b in budgets], method.space, Path(cfg.paths.cache_dir),
-            run_cfg.model.name, lit.ctx.quant.solver,
-        )  # fmt: skip
-        configs = {f"{b:g}": c for b, c in allocs.items()}
+        allocs = lit.ctx.allocations(lit.model, budgets)
+        configs = {f"{b:g}": a.config for b, a in allocs.items()}
     else:
-        config = export_configuration(cfg, run_cfg, lit, cfg.paths.cache_dir)
+        config = export_configuration(cfg, lit)
         if config is None:
             raise ConfigError(
                 f"format=packed needs a quantized base; method={method.name} ran on "

@@ -98,7 +98,10 @@ def load_run(
     method, quant = check_run(cfg)
     model = build_backbone(cfg)
     dm = build_datamodule(cfg, build_tokenizer(cfg.model)) if with_data else None
-    ctx = method_context(cfg, model, quant, dm, run_dir, cache_dir or cfg.paths.cache_dir)
+    # the configurations the run recorded (allocations.json) are read, never recomputed
+    ctx = method_context(
+        cfg, model, quant, dm, run_dir, cache_dir or cfg.paths.cache_dir, record_dir=run_dir
+    )
     method.setup(model, ctx)
     lit = build_module(cfg, model, method, ctx)
     expected = lit.trainable_state_dict()

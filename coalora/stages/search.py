@@ -3,7 +3,8 @@
 Validate everything that can be wrong with the input (search settings, the space's bits range,
 the checkpoint's model/task/space) before anything is built or written; build the loss objective
 (:mod:`coalora.search.objectives`); score the initial pool (budget allocations on a grid, the same
-cached pool CoA-LoRA trains on without a configset); run the GP + qLogNEHVI rounds
+allocations CoA-LoRA trains on without a configset; with ``ckpt=`` the run's own, through
+``MethodContext.allocations``: recorded, else with the run's solver and sensitivity); run the GP + qLogNEHVI rounds
 (:func:`coalora.search.loop.run_search`); write ``configset.json`` (Pareto flag = segmented
 selection), ``observations.csv``, ``hypervolume.csv``, ``pareto.png``, ``hypervolume.png`` and
 ``results.json`` into the run directory (all atomically), plus W&B when ``logger=wandb``.
@@ -25,10 +26,9 @@ from coalora.io import atomic_write_json
 from coalora.methods import registry
 from coalora.models import build_tokenizer
 from coalora.quant import QuantSpace
-from coalora.quant.model import model_weights
 from coalora.search.configset import make_provenance
 from coalora.search.objectives import CalibrationObjective, calibration_batches, require_switching
-from coalora.search.pool import initial_pool
+from coalora.search.pool import label_pool
 from coalora.search.settings import SearchSettings
 from coalora.stages.build import build_datamodule, prepare, run_dir_of
 from coalora.stages.common import finish_wandb, set_env_defaults, write_run_info
@@ -107,21 +107,22 @@ def check_config(cfg: DictConfig) -> tuple[QuantSpace, SearchSettings]:
 
 
 # ---------------------------------------------------------------- building blocks
-def build_objective(cfg: DictConfig) -> tuple[CalibrationObjective, Any]:
-    """(objective, datamodule): the trained adapter (+ mapper) and head of the run at ``ckpt``,
-    else the quantized base with fresh adapters (B = 0) and a seeded fresh head."""
+def build_objective(cfg: DictConfig) -> tuple[CalibrationObjective, Any, Any]:
+    """(objective, datamodule, method context): the trained adapter (+ mapper) and head of the
+    run at ``ckpt`` (its context: its recorded configurations and settings), else the quantized
+    base with fresh adapters (B = 0) and a seeded fresh head."""
     if cfg.get("ckpt"):
         torch.manual_seed(int(cfg.seed))
         _, lit = restore(cfg.ckpt, cache_dir=cfg.paths.cache_dir, with_data=False)
         require_switching(lit.method, f"ckpt={cfg.ckpt}")
         dm = build_datamodule(cfg, build_tokenizer(cfg.model))
-        model, method = lit.model, lit.method
+        model, method, ctx = lit.model, lit.method, lit.ctx
     else:
         dm, model, method, ctx = prepare(cfg)
         require_switching(method, f"method={cfg.method.name}")
         method.setup(model, ctx)
     batches = calibration_batches(dm, cfg.search, int(cfg.seed))
-    return CalibrationObjective(model, method, batches), dm
+    return CalibrationObjective(model, method, batches), dm, ctx
 
 
 def _median(xs: list[float]) -> float | None:
@@ -182,16 +183,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     set_env_defaults()
     run_dir = run_dir_of(cfg)
-    objective, _ = build_objective(cfg)
+    objective, _, ctx = build_objective(cfg)
     ckpt = str(Path(cfg.ckpt).resolve()) if cfg.get("ckpt") else None
     kind = f"checkpoint {ckpt}" if ckpt else "fresh head (B = 0)"
     names, numels = objective.names, objective.numels
-    weights = model_weights(objective.model, names)
-    solver = cfg.quant.get("solver", "milp")
-    pool, sources = initial_pool(
-        weights, space, settings.pool, Path(cfg.paths.cache_dir), cfg.model.name, solver,
-        key="search.pool",
-    )  # fmt: skip
+    budgets = settings.pool.budgets(space, "search.pool")
+    allocs = ctx.allocations(objective.model, budgets, space=space)
+    pool, sources = label_pool({b: a.config for b, a in allocs.items()})
     write_run_info(
         cfg,
         run_dir,

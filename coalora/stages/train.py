@@ -18,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from coalora.errors import CoaloraError, ConfigError
 from coalora.io import atomic_write_json
 from coalora.lit.resume import LastCheckpoint
+from coalora.quant.record import RECORD_FILE
 from coalora.report.curves import plot_run_curves
 from coalora.stages.build import build_module, build_trainer, prepare
 from coalora.stages.common import (
     finish_wandb,
     log_run_to_loggers,
+    record_configurations,
     set_env_defaults,
     write_run_info,
 )
@@ -45,6 +47,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_run_info(
         cfg, run_dir, "train", {"trainable_parameters": n_train, "target_layers": len(ctx.names)}
     )
+    record_configurations(cfg, run_dir, method, ctx)  # allocations.json: what evaluate/export read
     trainer = build_trainer(cfg)
     try:
         t1 = time.perf_counter()
@@ -95,7 +98,8 @@ def check_fresh_run_dir(run_dir, ckpt_path) -> None:
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
         return
-    taken = [f for f in ("run_info.json", "results.json", "checkpoints") if (run_dir / f).exists()]
+    files = ("run_info.json", "results.json", "checkpoints", RECORD_FILE)
+    taken = [f for f in files if (run_dir / f).exists()]
     if taken:
         raise ConfigError(
             f"the run directory {run_dir} already holds another run ({', '.join(taken)}); "

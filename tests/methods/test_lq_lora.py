@@ -102,6 +102,21 @@ def test_budget_allocates_with_decomposition_errors(built, tmp_path):
         assert lora.base_layer.lq_config == method.config[name]
 
 
+def test_budget_with_fisher_sensitivity_uses_the_cached_fisher(built):
+    """quant.sensitivity=fisher weights the decomposition-aware allocation with the run's cached
+    sensitivity, which (method.lq.fisher) also weights the SVD."""
+    over = ["method=lq_lora", "quant=budget", "quant.budget=3.0", *SMALL_SPACE,
+            "quant.sensitivity=fisher", "quant.sensitivity_examples=4", "method.lq.fisher=true",
+            "method.lq.table_iters=1"]  # fmt: skip
+    cfg, lit, _ = built(over)
+    method = lit.method
+    assert method.config.average_bits() <= 3.0 + 1e-9
+    assert method.report["fisher_examples"] == 4
+    cache = Path(cfg.paths.cache_dir)
+    assert list((cache / "sensitivity").glob("tiny_bert-sst2-fisher-n4-seed*.safetensors"))
+    assert "-fw-fd" in method.report["table_kind"]  # weighted errors and SVD
+
+
 def test_pruned_table_never_prefers_a_dominated_option(built):
     _, lit, _ = built(["method=lora", "quant=none"])
     weights = dict(list(model_weights(lit.model, lit.method.names).items())[:3])

@@ -85,12 +85,12 @@ def test_formats_and_fixed_configurations_fail_clearly(built):
     cfg, lit, _ = built(["method=qwha", *UNIFORM3])
     trained = lit.method.config
     ask = OmegaConf.create({"quant": {"mode": "budget", "budget": None}})
-    assert export_configuration(ask, cfg, lit) is trained
+    assert export_configuration(ask, lit) is trained
     ask.quant.budget = trained.average_bits()
-    assert export_configuration(ask, cfg, lit) is trained
+    assert export_configuration(ask, lit) is trained
     ask.quant.budget = 8.0
     with pytest.raises(ConfigError, match="trained on one configuration"):
-        export_configuration(ask, cfg, lit)
+        export_configuration(ask, lit)
 
 
 def test_regression_head_exports_task_units_and_classes_get_names():

@@ -183,8 +183,12 @@ def test_save_load_and_disk_cache(tmp_path, weights, table, monkeypatch):
 
 
 # ------------------------------------------------------------------ solver status, determinism
-def test_milp_reports_status_and_gap(weights, table):
+def test_solvers_report_status_and_gap(weights, table):
     config, info = allocate(weights, 3.0, SMALL, table=table, return_info=True)
+    assert info.solver == "exact" and info.status in ("optimal", "presolved")
+    assert info.gap <= 1.01e-12 and info.bound <= info.cost  # proven within the pruning tolerance
+    assert info.cost == pytest.approx(total_cost(table, config), rel=1e-12)
+    config, info = allocate(weights, 3.0, SMALL, table=table, solver="milp", return_info=True)
     assert info.solver == "milp" and info.status in ("optimal", "presolved")
     assert 0.0 <= info.gap <= 1e-6 and info.bound <= info.cost * (1 + 1e-12)
     assert info.cost == pytest.approx(total_cost(table, config), rel=1e-12)
@@ -209,6 +213,19 @@ def test_milp_has_no_wall_clock_limit(monkeypatch):
     w = np.tile(np.array([1, 2, 3, 4, 5, 6.0]), (12, 1)) / 12
     solve_mckp_milp(costs, w, 3.3)
     assert seen and all("time_limit" not in o and o["node_limit"] > 0 for o in seen)
+
+
+def test_error_table_does_not_depend_on_the_worker_count(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    weights = {f"l{i}": torch.randn(64 * (i + 1), 96, generator=g) for i in range(5)}
+    tables = []
+    for workers in ("1", "2", "3"):
+        monkeypatch.setenv("COALORA_TABLE_WORKERS", workers)
+        tables.append(build_error_table(weights, SMALL))
+    assert all(torch.equal(tables[0].costs, t.costs) for t in tables[1:])
+    monkeypatch.setenv("COALORA_TABLE_WORKERS", "zero")
+    with pytest.raises(ValueError, match="COALORA_TABLE_WORKERS='zero' must be an integer >= 1"):
+        build_error_table(weights, SMALL)
 
 
 def test_error_table_does_not_depend_on_the_thread_count():

@@ -81,7 +81,7 @@ def test_allocation_cache_is_verified_and_records_the_solve(tmp_path, caplog):
     weights = tiny_weights()
     table = cached_error_table(weights, SMALL, tmp_path, "tiny")
     config, info = cached_allocation(table, 3.0, SMALL, tmp_path, "tiny")
-    path = allocation_path(tmp_path, "tiny", SMALL, table, "milp", 3.0)
+    path = allocation_path(tmp_path, "tiny", SMALL, table, "exact", 3.0)
     stored = json_value(read_verified(path))
     assert stored["solve"]["status"] == info.status and stored["solve"]["gap"] == info.gap
     assert config.average_bits() <= 3.0

@@ -35,7 +35,7 @@ def weights() -> dict[str, torch.Tensor]:
 def test_every_option_has_the_same_keys(name):
     cfg = load(name)
     assert set(cfg) == KEYS and cfg.mode == name
-    assert cfg.cache_limit_mb == 4096 and cfg.table_cache is True and cfg.solver == "milp"
+    assert cfg.cache_limit_mb == 4096 and cfg.table_cache is True and cfg.solver == "exact"
 
 
 def test_none_and_bnb_give_no_config(weights):
@@ -87,7 +87,9 @@ def test_budget_mode_uses_the_disk_cache(tmp_path, weights):
         build_model_config(load("budget", budget=None), weights)
     with pytest.raises(ValueError, match="quant.solver='cplex' is not allowed"):
         build_model_config(load("budget", solver="cplex"), weights)
-    with pytest.raises(ValueError, match="quant.fisher=true needs"):
+    with pytest.raises(ValueError, match="quant.sensitivity=fisher needs a fisher sensitivity"):
+        build_model_config(load("budget", sensitivity="fisher", space=small), weights)
+    with pytest.raises(ValueError, match="quant.sensitivity=fisher needs"):  # deprecated alias
         build_model_config(load("budget", fisher=True, space=small), weights)
 
 

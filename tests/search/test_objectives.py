@@ -39,7 +39,7 @@ def cache(tmp_path_factory) -> Path:
 def fresh(cache, tmp_path_factory):
     """(search cfg, fresh-head objective) built once for the module."""
     cfg = compose_cfg("search", ["search=quick", *POOL], cache, tmp_path_factory.mktemp("out"))
-    objective, _ = build_objective(cfg)
+    objective, _, _ = build_objective(cfg)
     return cfg, objective
 
 
@@ -96,7 +96,7 @@ def test_objective_uses_the_trained_adapter(fresh, cache, tmp_path):
         run_dir / "checkpoints" / "last.ckpt",
     )
 
-    restored, _ = build_objective(OmegaConf.merge(search_cfg, {"ckpt": str(run_dir)}))
+    restored, _, _ = build_objective(OmegaConf.merge(search_cfg, {"ckpt": str(run_dir)}))
     live = CalibrationObjective(lit.model, lit.method, fresh_obj.batches)
     config = fresh_obj.method.train_set[1]
     for a, b in zip(restored.batches, fresh_obj.batches):  # the same fixed calibration batches
