@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from hydra import compose, initialize_config_dir
 
 from coalora.io import atomic_write_json
 from coalora.quant import QuantSettings, QuantSpace, model_weights
-from coalora.quant.allocation import allocate, cached_error_table
+from coalora.quant.allocation import allocate, build_error_table, cached_error_table
 from coalora.report.bench import header_lines, write_section
 from coalora.search.pool import PoolGrid
 from coalora.stages.build import build_backbone, method_context
@@ -48,10 +49,43 @@ def model_weights_for(name: str, cache_dir: Path) -> dict[str, torch.Tensor]:
     return model_weights(model, ctx.names), cfg.model.name
 
 
+def time_table(weights: dict[str, torch.Tensor], blocks: int) -> dict:
+    """Seconds to build a fresh (uncached) MSE table of the first ``blocks`` blocks' layers with
+    1 and with 2 threads (the tables are checked bit-identical)."""
+    layers = sorted({int(m.group(1)) for n in weights if (m := re.search(r"\.(\d+)\.", n))})
+    keep = {str(i) for i in layers[:blocks]}
+    sub = {
+        n: w for n, w in weights.items() if (m := re.search(r"\.(\d+)\.", n)) and m.group(1) in keep
+    }
+    out, tables = {"layers": len(sub)}, []
+    for workers in (1, 2):
+        os.environ["COALORA_TABLE_WORKERS"] = str(workers)
+        t = time.perf_counter()
+        tables.append(build_error_table(sub, QuantSpace()))
+        out[f"seconds_{workers}_thread{'s' if workers > 1 else ''}"] = round(
+            time.perf_counter() - t, 1
+        )
+    os.environ.pop("COALORA_TABLE_WORKERS")
+    out["identical"] = bool(torch.equal(tables[0].costs, tables[1].costs))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["tiny_bert", "minilm_l6", "smollm2_135m"])
     ap.add_argument("--solvers", nargs="+", default=["exact", "milp"])
+    ap.add_argument(
+        "--milp-models",
+        nargs="*",
+        default=["minilm_l6"],
+        help="models HiGHS also runs on (on tiny_bert it takes 30-45 s per budget)",
+    )
+    ap.add_argument(
+        "--table-blocks",
+        type=int,
+        default=4,
+        help="time a fresh error table of the first N blocks with 1 and 2 threads (0: skip)",
+    )
     ap.add_argument("--cache-dir", default=os.environ.get("COALORA_CACHE_DIR"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "allocation_bench.json"))
     ap.add_argument("--no-write", action="store_true")
@@ -73,6 +107,8 @@ def main() -> None:
         row = {"model": name, "layers": len(weights), "table_seconds": round(table_s, 1)}
         costs: dict[str, list[float]] = {}
         for solver in args.solvers:
+            if solver == "milp" and name not in args.milp_models:
+                continue
             times, statuses, nodes = [], [], []
             t_all = time.perf_counter()
             for b in budgets:
@@ -91,6 +127,11 @@ def main() -> None:
                 "max_nodes": int(max(nodes)),
             }
             print(f"  {solver}: {len(budgets)} budgets in {total:.2f}s, {row[solver]}", flush=True)
+        if args.table_blocks:
+            row["table_threads"] = time_table(weights, args.table_blocks)
+            print(
+                f"  fresh table of {args.table_blocks} blocks: {row['table_threads']}", flush=True
+            )
         if "exact" in costs and "milp" in costs:
             a, m = np.array(costs["exact"]), np.array(costs["milp"])
             row["exact_minus_milp_max_rel"] = float(np.max((a - m) / np.maximum(np.abs(m), 1e-300)))
@@ -112,6 +153,8 @@ def main() -> None:
     ]
     for r in results:
         for s in args.solvers:
+            if s not in r:
+                continue
             d = r[s]
             lines.append(
                 f"| {r['model']} | {r['layers']} | {r['table_seconds']} | {s} | "
@@ -126,6 +169,21 @@ def main() -> None:
             f"{r['model']} {r.get('exact_minus_milp_max_rel', float('nan')):.2e}" for r in results
         )
     )
+    lines += [
+        "",
+        "Error table build, fresh (no cache), full space, the first blocks' layers, by threads "
+        "(`COALORA_TABLE_WORKERS`; bit-identical tables):",
+        "",
+        "| model | layers | 1 thread (s) | 2 threads (s) | identical |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        t = r.get("table_threads")
+        if t:
+            lines.append(
+                f"| {r['model']} | {t['layers']} | {t['seconds_1_thread']} | "
+                f"{t['seconds_2_threads']} | {t['identical']} |"
+            )
     write_section(ROOT / "docs" / "benchmarks.md", SECTION, "\n".join(lines))
 
 
