@@ -200,3 +200,19 @@ __all__ = [
     "read_verified",
     "write_verified",
 ]
+
+
+def parse_safetensors(data: bytes, what: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata, tensors) of safetensors ``data``; ``ValueError`` "not a readable <what> (...)"
+    when the bytes are truncated or not safetensors (checksummed cache files, e.g. error tables
+    and sensitivities)."""
+    from safetensors.torch import load
+
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 + size:
+            raise ValueError(f"{len(data)} bytes, shorter than its header")
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        return meta, load(data)
+    except Exception as e:
+        raise ValueError(f"not a readable {what} ({e})") from None

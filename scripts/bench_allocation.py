@@ -36,7 +36,7 @@ SECTION = "Allocation: 51 pool budgets, cold allocation cache"
 TASK = {"tiny_bert": "sst2", "minilm_l6": "sst2"}
 
 
-def model_weights_for(name: str, cache_dir: Path) -> dict[str, torch.Tensor]:
+def model_weights_for(name: str, cache_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     task = TASK.get(name, "wikitext2")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(

@@ -8,6 +8,19 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # tests/ -> the repository
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+# tiny_llama on the fixture WikiText-2: short blocks, a few batches (decoder stage tests)
+TINY_LM = [
+    "model=tiny_llama",
+    "task=wikitext2",
+    f"paths.data_dir={FIXTURES}",
+    "data.allow_hub=false",
+    "task.block_length=32",
+    "task.max_train_blocks=16",
+    "task.eval_blocks=4",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+]
 
 
 def run_entry(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coalora.cachefile import get_or_compute
+from coalora.cachefile import get_or_compute, parse_safetensors
 from coalora.io import atomic_write_bytes
 from coalora.quant.config import QuantConfig, QuantSpace
 from coalora.quant.nf import quantization_errors
@@ -118,17 +118,11 @@ class ErrorTable:
         """Parse :meth:`to_bytes` output; ``ValueError`` naming ``source`` when the bytes are
         truncated, not a table, of another version, or fail the SHA-256 check (a table without
         a checksum, from an older coalora, is accepted only with ``require_checksum=False``)."""
-        from safetensors.torch import load
-
         where = f"{source}: " if source else ""
         try:
-            size = int.from_bytes(data[:8], "little")
-            if len(data) < 8 + size:
-                raise ValueError(f"{len(data)} bytes, shorter than its header")
-            meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-            tensors = load(data)
-        except Exception as e:
-            raise ValueError(f"{where}not a readable error table ({e})") from None
+            meta, tensors = parse_safetensors(data, "error table")
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
         if meta.get("version") != TABLE_VERSION:
             raise ValueError(
                 f"{where}error table version {meta.get('version')!r}, expected {TABLE_VERSION}"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor, nn
 
-from coalora.cachefile import get_or_compute
+from coalora.cachefile import get_or_compute, parse_safetensors
 from coalora.errors import ConfigError
 from coalora.quant.error_table import weights_fingerprint
 from coalora.quant.fisher import fisher_diagonal
@@ -118,16 +118,7 @@ class Sensitivity:
     @classmethod
     def from_bytes(cls, data: bytes) -> Sensitivity:
         """Parse :meth:`to_bytes`; ``ValueError`` saying what does not verify."""
-        from safetensors.torch import load
-
-        try:
-            size = int.from_bytes(data[:8], "little")
-            if len(data) < 8 + size:
-                raise ValueError(f"{len(data)} bytes, shorter than its header")
-            meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-            tensors = load(data)
-        except Exception as e:
-            raise ValueError(f"not a readable sensitivity file ({e})") from None
+        meta, tensors = parse_safetensors(data, "sensitivity file")
         if meta.get("version") != SENSITIVITY_VERSION:
             raise ValueError(f"version {meta.get('version')!r}, expected {SENSITIVITY_VERSION}")
         try:

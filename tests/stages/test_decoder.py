@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import run_entry
+from support import TINY_LM, run_entry
 
 from coalora.stages.train import run as train_run
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
-LM = [
-    "model=tiny_llama",
-    "task=wikitext2",
-    f"paths.data_dir={FIX}",
-    "data.allow_hub=false",
-    "task.block_length=32",
-    "task.max_train_blocks=16",
-    "task.eval_blocks=4",
-    "data.batch_size=2",
-    "data.eval_batch_size=4",
-]
+LM = TINY_LM
 POOL = ["method.pool.start=3.0", "method.pool.stop=4.0", "method.pool.step=0.5"]
 METHODS = {
     "lora": [],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from support import TINY_LM
 
 from coalora.quant import ModelQuantConfig
 from coalora.quant.build import solve_allocations
@@ -20,17 +21,7 @@ from coalora.search.pool import PoolGrid, initial_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "tests" / "fixtures"
-LM = [
-    "model=tiny_llama",
-    "task=wikitext2",
-    f"paths.data_dir={FIX}",
-    "data.allow_hub=false",
-    "task.block_length=32",
-    "task.max_train_blocks=16",
-    "task.eval_blocks=4",
-    "data.batch_size=2",
-    "data.eval_batch_size=4",
-]
+LM = TINY_LM
 FISHER = ["quant.sensitivity=fisher", "quant.sensitivity_examples=8", "quant.solver=lagrangian"]
 POOL = ["method.pool.start=3.0", "method.pool.stop=4.0", "method.pool.step=0.25"]
 BUDGETS = [2.5, 3.0, 3.5, 4.0]  # method.eval_budgets (the default)
