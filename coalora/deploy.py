@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -36,11 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from coalora.errors import CoaloraError
+from coalora.quant.bnb import bnb_linear4bit
 from coalora.quant.config import ModelQuantConfig, QuantConfig
 from coalora.quant.linear import DequantCache, QuantLinear
-from coalora.quant.nf import _dequant_scales, nf_codebook, quantize_nf
-from coalora.quant.packed import dequantize_packed
-from coalora.quant.packing import PackedTensor, pack_quantized, unpack_bits
+from coalora.quant.model import base_linear
+from coalora.quant.nf import quantize_nf
+from coalora.quant.packing import PackedTensor, dequantize_packed, pack_quantized
 
 FORMAT = "coalora-packed"
 VERSION = 1
@@ -83,9 +83,7 @@ def lora_tensors(model: nn.Module, names: list[str]) -> tuple[dict[str, Tensor],
 
 
 def _base_module(model: nn.Module, name: str) -> nn.Module:
-    module = model.get_submodule(name)
-    while not isinstance(module, (QuantLinear, nn.Linear)) and hasattr(module, "base_layer"):
-        module = module.base_layer
+    module = base_linear(model, name)
     if not isinstance(module, (QuantLinear, nn.Linear)):
         raise CoaloraError(f"export: target {name!r} is {type(module).__name__}, not a linear")
     return module
@@ -360,26 +358,6 @@ def _pick_label(manifest: dict, budget: Any, path: Path) -> str:
     raise CoaloraError(f"{path}: budget={budget!r} is not in this export; available: {available}")
 
 
-def _check_entry(key: str, p: PackedTensor) -> None:
-    qc = p.qc
-    G = -(-math.prod(p.shape) // (qc.block0 * qc.block1))
-    want = {
-        "codes": (-(-G * qc.block0 * qc.block1 * qc.bits // 8),),
-        "q1": (-(-G * qc.block1 * qc.bits0 // 8),),
-        "s2": (G,),
-        "offset": (),
-    }
-    for field, shape in want.items():
-        got = tuple(getattr(p, field).shape)
-        if got != shape:
-            raise CoaloraError(
-                f"packed.safetensors: entry {key} {field} has shape {got}, expected {shape} for "
-                f"weight shape {tuple(p.shape)} under {qc.key}"
-            )
-    if p.s2.dtype != qc.dtype or p.codes.dtype != torch.uint8:
-        raise CoaloraError(f"packed.safetensors: entry {key} has the wrong dtypes")
-
-
 def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Module:
     if base_model is None:
         import transformers
@@ -415,55 +393,6 @@ def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Mo
 
 
 BACKENDS = ("packed", "bnb")
-
-
-def bnb_linear4bit(p: PackedTensor, bias: Tensor | None, compute_dtype=torch.float32) -> nn.Module:
-    """A bitsandbytes ``Linear4bit`` (nf4, no nested statistics) holding exactly ``p``'s values.
-
-    Needs bits=4 and block0=64: the NF4 codebook and the high-nibble-first byte layout are
-    bitsandbytes', and its fp32 absmax per 64 weights is our dequantized first-level scale
-    ``o + q1*s2/M0``, so ``dequantize_4bit`` gives ``dequantize_packed(p)`` bit for bit. The
-    absmax costs 0.5 bit/weight instead of the double-quantized scales' ``bits0/64 + ...``.
-    """
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-
-    qc, n = p.qc, p.numel
-    if qc.bits != 4 or qc.block0 != 64 or n % 64 or len(p.shape) != 2:
-        raise CoaloraError(
-            f"backend='bnb' needs bits=4, block0=64 and a 2-D weight with numel % 64 == 0; "
-            f"got {qc.key} for shape {tuple(p.shape)}"
-        )
-    G = p.s2.numel()
-    q1 = unpack_bits(p.q1, qc.bits0, G * qc.block1).view(G, qc.block1)
-    absmax = _dequant_scales(q1, p.s2, p.offset, qc.bits0).reshape(-1)[: n // 64].contiguous()
-    state = QuantState(
-        absmax=absmax,
-        shape=torch.Size(p.shape),
-        code=nf_codebook(4),
-        blocksize=64,
-        quant_type="nf4",
-        dtype=compute_dtype,
-    )
-    d_out, d_in = p.shape
-    layer = bnb.nn.Linear4bit(
-        d_in,
-        d_out,
-        bias=bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=False,
-        quant_type="nf4",
-        device="meta",
-    )
-    data = p.codes[: n // 2].reshape(-1, 1).contiguous()  # (n/2, 1) uint8, bitsandbytes' shape
-    weight = bnb.nn.Params4bit.from_prequantized(
-        data, state.as_dict(packed=True), device=data.device, module=layer
-    )
-    layer.weight = weight
-    layer.quant_state = weight.quant_state
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return layer
 
 
 def load(
@@ -532,7 +461,7 @@ def load(
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CoaloraError(f"{path}/packed.safetensors: cannot read {key}: {e}") from None
             p = PackedTensor(**fields, shape=tuple(manifest["entries"][key]["shape"]), qc=qc)
-            _check_entry(key, p)
+            p.validate(f"packed.safetensors: entry {key}")
             linear = model.get_submodule(name)
             A, B = adapter.get(f"{name}.lora_A"), adapter.get(f"{name}.lora_B")
             s = float(info.get("scaling", 1.0))
@@ -567,7 +496,6 @@ __all__ = [
     "FORMAT",
     "VERSION",
     "PackedLoRALinear",
-    "bnb_linear4bit",
     "clean_state_dict",
     "labels",
     "load",

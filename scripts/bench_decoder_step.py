@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from coalora.io import atomic_write_json
+from coalora.quant.bnb import bnb_cpu_status, bnb_weight_bytes
 from coalora.report.bench import (
     emit_markdown,
     header_lines,
@@ -132,26 +133,6 @@ RESIDENT_GOAL = 1.2  # base resident bytes / packed size, packed storage
 def log(msg: str) -> None:
     stamp = datetime.datetime.now().strftime("%H:%M:%S")
     print(f"[{stamp}] {msg}", flush=True)
-
-
-def bnb_cpu_status() -> str | None:
-    """None when ``bitsandbytes.nn.Linear4bit`` (nf4) runs forward + backward on this CPU, else
-    why not."""
-    try:
-        import bitsandbytes as bnb
-
-        layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32)
-        layer.weight = bnb.nn.Params4bit(
-            torch.randn(64, 128), requires_grad=False, quant_type="nf4", module=layer
-        )
-        layer = layer.to("cpu")
-        x = torch.randn(2, 128, requires_grad=True)
-        layer(x).sum().backward()
-        if not torch.isfinite(x.grad).all():
-            return "bitsandbytes Linear4bit gave a non-finite gradient on CPU"
-    except Exception as e:  # noqa: BLE001 - any failure means: cannot run here
-        return f"bitsandbytes Linear4bit does not run on this CPU: {type(e).__name__}: {e}"
-    return None
 
 
 # ---------------------------------------------------------------- building the variants
@@ -446,35 +427,6 @@ def part_speed(trainees: dict[str, Trainee], batch: dict, reps: int) -> dict:
             pairs.append(row)
             log(f"ratio {a} / {b}: {row}")
     return {"reps": reps, "tokens_per_step": tokens, "variants": rows, "pairs": pairs}
-
-
-def bnb_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """What a bitsandbytes model holds: ``quantized`` (Linear4bit codes + quantization state:
-    absmax, its second-level state and codebooks) and ``other`` (every other parameter and
-    buffer)."""
-    import bitsandbytes as bnb
-
-    seen: set[int] = set()
-
-    def nbytes(t) -> int:  # each storage once (a codebook may be shared by layers)
-        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
-            return 0
-        seen.add(t.data_ptr())
-        return t.numel() * t.element_size()
-
-    def state_bytes(qs) -> int:
-        if qs is None:
-            return 0
-        n = sum(nbytes(getattr(qs, k, None)) for k in ("absmax", "code", "offset"))
-        return n + state_bytes(getattr(qs, "state2", None))
-
-    quantized, other = 0, 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            quantized += nbytes(m.weight) + state_bytes(getattr(m.weight, "quant_state", None))
-    for _, t in [*model.named_parameters(), *model.named_buffers()]:
-        other += nbytes(t)
-    return {"quantized": quantized, "original": 0, "other": other, "total": quantized + other}
 
 
 def weight_report(tr: Trainee) -> dict:

@@ -8,24 +8,18 @@ quantizes the 64-blocks' absmax scales LQ-LoRA-style (arXiv 2311.12023: subtract
 8-bit unsigned linear codes per 256 scales, an fp32 constant each), bitsandbytes QLoRA-style
 (arXiv 2305.14314: subtract the mean, 8-bit dynamic-tree codes per 256 scales). A changed scale
 can move a weight to a neighbouring code, hence the max difference; the mean error to the fp32
-weight is the same for both. ``quant=bnb_nf4`` runs bitsandbytes' own kernels.
+weight is the same for both (``coalora.quant.bnb.compare_with_bnb_nf4``). ``quant=bnb_nf4`` runs
+bitsandbytes' own kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch
 from safetensors.torch import load_file
 
 from coalora.models.loading import package_model_dir
-from coalora.quant.config import NF4
-from coalora.quant.nf import (
-    dequantize_nf,
-    dequantize_nf_blockwise,
-    quantize_nf,
-    quantize_nf_blockwise,
-)
+from coalora.quant.bnb import compare_with_bnb_nf4
 from coalora.report.bench import emit_markdown
 
 LAYERS = (
@@ -33,29 +27,6 @@ LAYERS = (
     "encoder.layer.3.intermediate.dense.weight",
     "encoder.layer.5.output.dense.weight",
 )
-
-
-def compare_layer(W: torch.Tensor) -> dict[str, float]:
-    import bitsandbytes.functional as BF
-
-    ours = dequantize_nf(quantize_nf(W, NF4))
-    ours_plain = dequantize_nf_blockwise(*quantize_nf_blockwise(W, 4, 64), W.shape, 4, 64)
-    q, state = BF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
-    bnb_dq = BF.dequantize_4bit(q, state, quant_type="nf4")
-    q, state = BF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=False)
-    bnb_plain = BF.dequantize_4bit(q, state, quant_type="nf4")
-
-    def mx(a, b):
-        return float((a - b).abs().max())
-
-    return {
-        "ours_vs_bnb_dq": mx(ours, bnb_dq),
-        "plain_vs_plain": mx(ours_plain, bnb_plain),
-        "bnb_dq_vs_plain": mx(bnb_dq, bnb_plain),
-        "ours_dq_vs_plain": mx(ours, ours_plain),
-        "mean_err_ours": float((ours - W).abs().mean()),
-        "mean_err_bnb": float((bnb_dq - W).abs().mean()),
-    }
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -78,7 +49,7 @@ def main(argv: list[str] | None = None) -> str:
         if name not in sd:
             raise SystemExit(f"error: --layers: {name!r} is not a MiniLM-L6 weight")
         W = sd[name].float()
-        r = compare_layer(W)
+        r = compare_with_bnb_nf4(W)
         lines.append(
             f"| {name} | {tuple(W.shape)} | {r['ours_vs_bnb_dq']:.2e} | {r['plain_vs_plain']:.1e} "
             f"| {r['bnb_dq_vs_plain']:.2e} | {r['ours_dq_vs_plain']:.2e} "

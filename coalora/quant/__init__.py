@@ -26,9 +26,14 @@ from coalora.quant.config import NF3, NF4, ModelQuantConfig, QuantConfig, QuantS
 from coalora.quant.fisher import fisher_diagonal
 from coalora.quant.linear import DequantCache, QuantLinear, entry_nbytes
 from coalora.quant.model import (
+    base_linear,
+    formula_weight_bytes,
+    freeze_model,
     model_weights,
+    own_frozen_weights,
     quant_layers,
     quantize_model,
+    resident_weight_bytes,
     set_model_config,
     target_linear_names,
 )
@@ -42,20 +47,14 @@ from coalora.quant.nf import (
     quantize_nf,
     quantize_nf_blockwise,
 )
-from coalora.quant.packed import (
+from coalora.quant.packing import (
     STORAGES,
+    PackedTensor,
     check_storage,
     dequantize_packed,
-    formula_weight_bytes,
-    freeze_model,
-    own_frozen_weights,
-    packed_linear,
-    resident_weight_bytes,
-)
-from coalora.quant.packing import (
-    PackedTensor,
     pack_bits,
     pack_quantized,
+    packed_linear,
     unpack_bits,
     unpack_quantized,
 )
@@ -74,6 +73,7 @@ __all__ = [
     "STORAGES",
     "allocate",
     "QuantSettings",
+    "base_linear",
     "allocations",
     "build_cache",
     "build_error_table",

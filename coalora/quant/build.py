@@ -33,7 +33,7 @@ from coalora.quant.allocation import (
 from coalora.quant.config import FIELDS, ModelQuantConfig, QuantConfig, QuantSpace
 from coalora.quant.error_table import ErrorTable
 from coalora.quant.linear import DequantCache
-from coalora.quant.packed import STORAGES
+from coalora.quant.packing import STORAGES
 from coalora.quant.sensitivity import Sensitivity, check_sensitivity
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ Two storages (``quant.storage``):
   the forward is ``F.linear`` on it. Costs a full-precision copy per cached option.
 * ``packed``: the cache holds the ``PackedTensor`` (bit-packed codes, quantized scales, second-level
   constants): the storage formula's size. The forward dequantizes the current weight on the fly
-  and frees it; the backward recomputes it (``coalora.quant.packed.packed_linear``). Both storages
+  and frees it; the backward recomputes it (``coalora.quant.packing.packed_linear``). Both storages
   give bit-identical outputs and input gradients.
 """
 
@@ -27,15 +27,16 @@ from torch import Tensor, nn
 from coalora.errors import CoaloraError
 from coalora.quant.config import QuantConfig
 from coalora.quant.nf import fake_quantize, quantize_nf
-from coalora.quant.packed import (
-    KEEP_ORIGINAL,
+from coalora.quant.packing import (
+    PackedTensor,
     check_storage,
     dequantize_packed,
+    pack_quantized,
     packed_linear,
 )
-from coalora.quant.packing import PackedTensor, pack_quantized
 
 Entry = Tensor | PackedTensor
+KEEP_ORIGINAL = ("device", "cpu", "drop")  # where ``freeze`` leaves the full-precision weight
 
 
 def entry_nbytes(entry: Entry) -> int:
@@ -326,4 +327,4 @@ class QuantLinear(nn.Module):
         )
 
 
-__all__ = ["DequantCache", "QuantLinear", "entry_nbytes"]
+__all__ = ["KEEP_ORIGINAL", "DequantCache", "QuantLinear", "entry_nbytes"]

@@ -85,3 +85,19 @@ def test_padded_size_within_last_superblock():
     assert padded == 256 and padded - W.numel() < qc.block0 * qc.block1
     assert 8 * p.payload_nbytes() == qc.storage_bits() * padded
     assert torch.equal(dequantize_nf(unpack_quantized(p)), dequantize_nf(quantize_nf(W, qc)))
+
+
+@pytest.mark.parametrize("qc", CONFIGS, ids=lambda q: q.key)
+def test_validate_accepts_the_layout_and_names_a_wrong_field(qc):
+    from dataclasses import replace
+
+    from coalora.errors import CoaloraError
+
+    p = pack_quantized(quantize_nf(torch.randn(5, 300), qc))
+    p.validate()  # what pack_quantized writes is the layout validate checks
+    with pytest.raises(CoaloraError, match=r"entry x codes has shape \(\d+,\), expected"):
+        replace(p, codes=p.codes[:-1]).validate("entry x")
+    with pytest.raises(CoaloraError, match=r"for weight shape \(500, 300\)"):
+        replace(p, shape=(500, 300)).validate()
+    with pytest.raises(CoaloraError, match="wrong dtypes"):
+        replace(p, s2=p.s2.to(torch.float64)).validate()
