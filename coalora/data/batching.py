@@ -280,3 +280,20 @@ class TaskDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.allow_hub = bool(allow_hub)
+        # (epoch, batches already trained in it): set by coalora.lit.resume.DeterministicResume
+        # when a checkpoint is loaded; the next train_dataloader() starts there
+        self.resume_position: tuple[int, int] | None = None
+
+    def resumed(self, sampler: SeededShuffleSampler, num_samples: int) -> SeededShuffleSampler:
+        """``sampler`` moved to the pending resume position (once), so a resumed run sees the
+        batches the uninterrupted one would have (docs/reliability.md, "Resume")."""
+        if self.resume_position is not None:
+            epoch, batches = self.resume_position
+            per_epoch = -(-num_samples // self.batch_size)
+            if batches >= per_epoch:  # the checkpoint closed its epoch: start the next one
+                epoch, batches = epoch + 1, 0
+            sampler.load_state_dict(
+                {**sampler.state_dict(), "epoch": epoch, "skip": batches * self.batch_size}
+            )
+            self.resume_position = None
+        return sampler

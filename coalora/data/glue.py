@@ -112,9 +112,6 @@ class GlueDataModule(TaskDataModule):
                     raise ValueError(f"{key}={value!r} must be an integer >= 1 (or null)")
                 self.limits[split] = int(value)
         self.collator = GlueCollator.for_tokenizer(tokenizer)
-        # (epoch, batches already trained in it): set by coalora.lit.resume.DeterministicResume
-        # when a checkpoint is loaded; the next train_dataloader() starts there
-        self.resume_position: tuple[int, int] | None = None
         self.encoded: dict[str, EncodedSplit] = {}
         self.source: str | None = None  # "local:<folder>" or "hub:<id>/<config>", after setup
 
@@ -173,16 +170,7 @@ class GlueDataModule(TaskDataModule):
             sampler = LengthGroupedSampler(data.lengths, self.batch_size, seed=self.seed)
         else:
             sampler = SeededShuffleSampler(len(data), seed=self.seed)
-        if self.resume_position is not None:
-            epoch, batches = self.resume_position
-            per_epoch = -(-len(data) // self.batch_size)
-            if batches >= per_epoch:  # the checkpoint closed its epoch: start the next one
-                epoch, batches = epoch + 1, 0
-            sampler.load_state_dict(
-                {**sampler.state_dict(), "epoch": epoch, "skip": batches * self.batch_size}
-            )
-            self.resume_position = None
-        return self._loader(data, self.batch_size, sampler)
+        return self._loader(data, self.batch_size, self.resumed(sampler, len(data)))
 
     def val_dataloader(self) -> DataLoader:
         data = self.val_set

@@ -234,7 +234,8 @@ class LMDataModule(TaskDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.train_set
-        return self._loader(data, self.batch_size, SeededShuffleSampler(len(data), self.seed))
+        sampler = self.resumed(SeededShuffleSampler(len(data), self.seed), len(data))
+        return self._loader(data, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, None)

@@ -30,14 +30,16 @@ class KillAtStep(L.Callback):
 
 
 def compose_run(run_dir: str | Path, cache_dir: str | Path, overrides: list[str]):
-    """The train config of a tiny_bert run writing into ``run_dir`` (Hydra's compose API)."""
+    """The train config of a run writing into ``run_dir`` (Hydra's compose API): tiny_bert unless
+    ``overrides`` name another ``model=``."""
     from hydra import compose, initialize_config_dir
 
+    model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny_bert"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[
-                "model=tiny_bert",
+                *model,
                 f"paths.data_dir={ROOT / 'tests' / 'fixtures'}",
                 f"paths.cache_dir={cache_dir}",
                 f"paths.log_dir={Path(run_dir).parent / 'logs'}",

@@ -1,6 +1,7 @@
 """Chaos test: kill -9 at a random step, resume from last.ckpt, get the uninterrupted run.
 
-tiny_bert on the 64-row SST-2 fixture, batch 8 (8 batches per epoch), 20 steps: the kill lands
+tiny_bert on the 64-row SST-2 fixture and tiny_llama on 64 WikiText-2 blocks, batch 8 (8 batches
+per epoch), 20 steps: the kill lands
 mid-epoch in epoch 0, 1 or 2. Dropout is active (BERT's hidden dropout 0.1). Tolerance: final
 trainable weights within 1e-6 (absolute) and equal validation metrics; on one CPU thread they
 come out bit-identical.
@@ -85,6 +86,13 @@ SEED = int(os.environ.get("COALORA_CHAOS_SEED", "0"))
     "seed,method",
     [
         (SEED, ["method=lora", "method.dropout=0.1"]),
+        pytest.param(  # a decoder: 64 WikiText-2 blocks, 8 batches per epoch like tiny_bert
+            SEED,
+            ["model=tiny_llama", "task=wikitext2", "task.block_length=32",
+             "task.max_train_blocks=64", "task.eval_blocks=4", "method=lora",
+             "method.dropout=0.1"],
+            id="tiny_llama",
+        ),  # fmt: skip
         pytest.param(
             SEED,
             [
