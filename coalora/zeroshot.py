@@ -12,15 +12,23 @@ directory). tests/fixtures/lm_eval/ ships one such task.
 
 Returns ``{task: {metric: value}}`` with lm-eval's metric names (``acc``, ``acc_norm``, their
 ``*_stderr``) and ``n`` (documents scored).
+
+**A task YAML can run code**: lm-eval's ``!function module.name`` tag imports a Python file next
+to the YAML when the YAML is loaded. Only the YAMLs of *requested* tasks are loaded that way; the
+other YAMLs in an include folder are only scanned for their ``task:`` name with a loader that
+builds no objects and imports nothing. Point ``eval.lm_eval_include`` only at folders you trust.
+Task names are resolved (:func:`resolve_tasks`) before any scoring, so a typo fails at once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import nn
 
 from coalora.errors import CoaloraError, ConfigError
@@ -76,20 +84,85 @@ def load_local_task(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def local_tasks(include: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
-    """``{task name: config}`` for every ``*.yaml`` (recursively) under the ``include`` folders
-    (or YAML files); group YAMLs (no ``task:`` string) are skipped."""
-    out: dict[str, dict[str, Any]] = {}
+class _NameOnlyLoader(yaml.SafeLoader):
+    """A YAML loader for scanning: every tagged node (``!function ...``) becomes None, so reading
+    a file imports and runs nothing."""
+
+
+_NameOnlyLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def task_name(path: str | Path) -> str | None:
+    """The ``task:`` name of a task YAML, read without resolving tags (no code runs); None for a
+    group YAML or a file that is not a mapping."""
+    try:
+        doc = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_NameOnlyLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"eval.lm_eval_include: cannot read task YAML {path}: {exc}") from None
+    name = doc.get("task") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def local_task_files(include: Iterable[str | Path]) -> dict[str, Path]:
+    """``{task name: YAML file}`` for every ``*.yaml`` (recursively) under the ``include`` folders
+    (or YAML files), from a scan that runs no code; group YAMLs are skipped."""
+    out: dict[str, Path] = {}
     for entry in include:
         root = Path(entry)
         if not root.exists():
             raise ConfigError(f"eval.lm_eval_include: {root} does not exist")
-        files = [root] if root.is_file() else sorted(root.rglob("*.yaml"))
-        for f in files:
-            cfg = load_local_task(f)
-            if isinstance(cfg.get("task"), str):
-                out[cfg["task"]] = cfg
+        for f in [root] if root.is_file() else sorted(root.rglob("*.yaml")):
+            name = task_name(f)
+            if name is not None:
+                out.setdefault(name, f)
     return out
+
+
+def local_tasks(
+    include: Iterable[str | Path], names: Iterable[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{task name: config}`` of the local tasks in ``include`` — only those in ``names`` when
+    given. Only these YAMLs are loaded with lm-eval's loader (which may import code)."""
+    files = local_task_files(include)
+    wanted = files if names is None else [n for n in names if n in files]
+    return {n: load_local_task(files[n]) for n in wanted}
+
+
+@dataclass
+class ZeroShotTasks:
+    """Task names resolved once (before any scoring): local configs and lm-eval's task index."""
+
+    names: list[str]
+    local: dict[str, dict[str, Any]] = field(default_factory=dict)
+    manager: Any = None
+
+    @property
+    def specs(self) -> list[str | dict]:
+        return [self.local.get(t, t) for t in self.names]
+
+
+def resolve_tasks(tasks: Sequence[str], include: Iterable[str | Path] = ()) -> ZeroShotTasks:
+    """Check ``tasks`` against the local YAMLs in ``include`` and lm-eval's built-in tasks; one
+    ``ConfigError`` naming the unknown ones. Indexing the built-in tasks takes ~20 s, so it only
+    happens when a requested task is not local."""
+    if isinstance(tasks, str) or not tasks:
+        raise ConfigError(f"eval.lm_eval_tasks={tasks!r} must be a non-empty list of task names")
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    names = [str(t) for t in tasks]
+    local = local_tasks(include, names)
+    builtin = [t for t in names if t not in local]
+    manager = TaskManager(include_defaults=bool(builtin))
+    if builtin:
+        known = set(manager.all_tasks)
+        unknown = [t for t in builtin if t not in known]
+        if unknown:
+            raise ConfigError(
+                f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown}; local tasks found in "
+                f"eval.lm_eval_include: {sorted(local_task_files(include))}"
+            )
+    return ZeroShotTasks(names, local, manager)
 
 
 def _metrics(block: dict[str, Any]) -> dict[str, float]:
@@ -114,7 +187,7 @@ def add_bos_policy(tokenizer) -> bool | None:
 def run_lm_eval(
     model: nn.Module,
     tokenizer,
-    tasks: Sequence[str],
+    tasks: Sequence[str] | ZeroShotTasks,
     include: Iterable[str | Path] = (),
     batch_size: int = 8,
     limit: int | float | None = None,
@@ -122,26 +195,12 @@ def run_lm_eval(
     seed: int = 0,
     max_length: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run lm-eval ``tasks`` on ``model`` as it is now (eval mode, restored afterwards)."""
-    if isinstance(tasks, str) or not tasks:
-        raise ConfigError(f"eval.lm_eval_tasks={tasks!r} must be a non-empty list of task names")
-    require_lm_eval()
+    """Run lm-eval ``tasks`` (names, or :func:`resolve_tasks`' result to resolve them once for
+    several configurations) on ``model`` as it is now (eval mode, restored afterwards)."""
+    resolved = tasks if isinstance(tasks, ZeroShotTasks) else resolve_tasks(tasks, include)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    local = local_tasks(include)
-    specs: list[str | dict] = [local.get(t, t) for t in tasks]
-    builtin = [t for t in tasks if t not in local]
-    manager = TaskManager(include_defaults=bool(builtin))
-    if builtin:
-        known = set(manager.all_tasks)
-        unknown = [t for t in builtin if t not in known]
-        if unknown:
-            raise ConfigError(
-                f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown}; local tasks found in "
-                f"eval.lm_eval_include: {sorted(local)}"
-            )
     was_training = model.training
     model.eval()
     try:
@@ -154,10 +213,10 @@ def run_lm_eval(
         )
         out = simple_evaluate(
             model=lm,
-            tasks=specs,
+            tasks=resolved.specs,
             num_fewshot=num_fewshot,
             limit=limit,
-            task_manager=manager,
+            task_manager=resolved.manager,
             log_samples=False,
             bootstrap_iters=1000,
             random_seed=seed,
@@ -168,7 +227,7 @@ def run_lm_eval(
     finally:
         model.train(was_training)
     results: dict[str, dict[str, float]] = {}
-    for name in tasks:
+    for name in resolved.names:
         block = out["results"].get(name)
         if block is None:
             raise CoaloraError(f"lm-eval returned no result for task {name!r}")

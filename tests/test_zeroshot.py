@@ -124,3 +124,48 @@ def test_bos_policy_keeps_prefix_specials_and_drops_suffix_ones(tiny):
     assert zeroshot.add_bos_policy(_Tok([1], [])) is None  # LLaMA: BOS prefix, lm-eval keeps it
     assert zeroshot.add_bos_policy(_Tok([101], [102])) is False  # BERT-style [SEP] suffix
     assert zeroshot.add_bos_policy(tiny[1]) is False
+
+
+def _include_with_an_evil_task(tmp_path: Path) -> tuple[Path, Path]:
+    """The fixture task plus an unrequested task whose ``!function`` writes a marker on import."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for f in FIXTURE.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "evil-ran"
+    (folder / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "def process(docs):\n    return docs\n"
+    )
+    (folder / "evil.yaml").write_text(
+        "task: evil_task\ndataset_path: json\nprocess_docs: !function evil.process\n"
+    )
+    return folder, marker
+
+
+def test_only_the_requested_tasks_yamls_are_loaded(tmp_path):
+    """An unrequested task's ``!function`` is never imported (a task YAML can run code)."""
+    folder, marker = _include_with_an_evil_task(tmp_path)
+    assert zeroshot.local_task_files([folder]) == {
+        "coalora_sci_mc": folder / "coalora_sci_mc.yaml",
+        "evil_task": folder / "evil.yaml",
+    }
+    resolved = zeroshot.resolve_tasks(["coalora_sci_mc"], include=[folder])
+    assert list(resolved.local) == ["coalora_sci_mc"] and resolved.names == ["coalora_sci_mc"]
+    assert not marker.exists()
+    zeroshot.local_tasks([folder], ["evil_task"])  # asked for: lm-eval's loader imports it
+    assert marker.read_text() == "ran"
+
+
+def test_unknown_task_fails_before_scoring(tmp_path, monkeypatch):
+    """The name check needs no model: it runs before the evaluate stage scores anything."""
+
+    class Index:  # lm-eval's task index without the ~20 s scan of its built-in tasks
+        def __init__(self, include_defaults=True):
+            self.all_tasks = ["arc_easy"] if include_defaults else []
+
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", Index)
+    with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['no_such'\]") as e:
+        zeroshot.resolve_tasks(["coalora_sci_mc", "no_such"], include=[FIXTURE])
+    assert "coalora_sci_mc" in str(e.value) and "\n" not in str(e.value)
+    assert zeroshot.resolve_tasks(["arc_easy"]).specs == ["arc_easy"]

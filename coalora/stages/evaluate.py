@@ -29,7 +29,7 @@ from coalora.quant import ModelQuantConfig, QuantSpace
 from coalora.report.plots import plot_metric_vs_bits
 from coalora.stages.common import set_env_defaults, write_run_info
 from coalora.stages.restore import load_run
-from coalora.zeroshot import require_lm_eval, run_lm_eval
+from coalora.zeroshot import ZeroShotTasks, resolve_tasks, run_lm_eval
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,12 @@ def score(lit, loader, task, predictions: list | None = None) -> dict[str, float
     return {k: float(v) for k, v in metrics.compute().items()}
 
 
-def zero_shot_scores(model, tokenizer, cfg: DictConfig) -> dict[str, float]:
+def zero_shot_scores(model, tokenizer, tasks: ZeroShotTasks, cfg: DictConfig) -> dict[str, float]:
     """lm-eval's metrics for the model as configured now, keyed ``<task>/<metric>``."""
 
     e = cfg.eval
     out = run_lm_eval(
-        model, tokenizer, list(e.lm_eval_tasks), include=list(e.lm_eval_include or []),
+        model, tokenizer, tasks,
         batch_size=int(e.lm_eval_batch_size), limit=e.get("lm_eval_limit"), seed=int(e.seed),
     )  # fmt: skip
     return {
@@ -125,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         solved = lit.ctx.allocations(lit.model, cfg.eval.budgets)
         allocs = {b: a.config for b, a in solved.items()}
         sources = {f"{b:g}": a.source for b, a in solved.items()}
-    zero_shot = list(cfg.eval.get("lm_eval_tasks") or [])
+    zero_shot: list | ZeroShotTasks = list(cfg.eval.get("lm_eval_tasks") or [])
     tokenizer = None
     if zero_shot:
         if task_kind(run_cfg.task) != "causal_lm":
@@ -134,7 +134,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"task={run_cfg.task.name} on model={run_cfg.model.name}"
             )
 
-        require_lm_eval()  # one line when lm-eval is not installed, before any scoring
+        # one line when lm-eval is missing or a task name is unknown, before any scoring
+        zero_shot = resolve_tasks(zero_shot, list(cfg.eval.get("lm_eval_include") or []))
         tokenizer = build_tokenizer(run_cfg.model)
     rng = random.Random(cfg.eval.seed)
     rows = []
@@ -162,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 preds = predictions.setdefault(column, []) if keep else None
                 m = score(lit, loader, run_cfg.task, preds)
                 if zero_shot and kind == "allocation":
-                    m.update(zero_shot_scores(lit.model, tokenizer, cfg))
+                    m.update(zero_shot_scores(lit.model, tokenizer, zero_shot, cfg))
             rows.append(
                 {
                     "budget": budget,
