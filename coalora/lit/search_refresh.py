@@ -2,9 +2,9 @@
 selection (CoA-LoRA, arXiv 2509.25214 §4.3; docs/search.md).
 
 Every ``every_n_epochs`` epochs the callback scores configurations with the model being trained
-(its current adapters, mapper and head, on fixed calibration batches), runs the same GP +
-qLogNEHVI rounds as ``search.py``, and swaps the method's training set for the segmented Pareto
-selection (``method.set_training_set``). The search starts from the method's initial pool
+(its current adapters, mapper and head, on fixed calibration batches), runs the same search
+session as ``search.py`` (:func:`coalora.search.session.run_session`), and swaps the method's
+training set for the segmented Pareto selection (``method.set_training_set``). The search starts from the method's initial pool
 (``method.pool``) plus the current training set, all scored afresh with the current weights, so
 no loss in one search comes from an earlier adapter state.
 
@@ -29,9 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from coalora.errors import ConfigError
 from coalora.quant.model import model_weights
-from coalora.search.configset import ConfigSet, make_provenance
+from coalora.search.configset import ConfigSet
 from coalora.search.objectives import CalibrationObjective, require_switching
-from coalora.search.pool import PoolGrid, dedupe, initial_pool
+from coalora.search.pool import PoolGrid, initial_pool
+from coalora.search.session import pool_with_training_set, run_session
 from coalora.search.settings import SearchSettings
 
 log = logging.getLogger(__name__)
@@ -109,25 +110,22 @@ class SearchRefreshCallback(Callback):
             ctx.quant.solver,
             sensitivity=ctx.sensitivity(lit.model),  # the run's: the pool it trained on
         )
-        initial = dedupe([*pool, *method.train_set])
-        n_pool = len(dedupe(pool))
-        sources = ["pool" if i < n_pool else "train_set" for i in range(len(initial))]
-        from coalora.search.loop import run_search  # botorch: only in paper mode
-
-        result = run_search(
-            objective,
-            initial,
-            method.space,
-            method.names,
-            method.numels,
-            seed=seed + epoch,
-            progress=False,
-            initial_sources=sources,
-            **s.run_kwargs(),
-        )
-        selected = [result.observations[i].config for i in result.selected]
+        initial, sources = pool_with_training_set(pool, method.train_set)
+        rank_zero = trainer is None or trainer.is_global_zero
+        session = run_session(
+            objective, initial, sources, method.space, s, seed=seed, search_seed=seed + epoch,
+            provenance=dict(
+                model=ctx.model_name, task=ctx.task_name, kind="search refresh", epoch=epoch,
+                search=OmegaConf.to_container(self.search_cfg, resolve=True),
+            ),
+            record_reference=False,
+            run_dir=Path(ctx.run_dir) if ctx.run_dir and rank_zero else None,
+            configset_name=f"configset_epoch{epoch}.json",
+        )  # fmt: skip
+        result, selected = session.result, session.selected
         if selected:
             method.set_training_set(selected)
+            self.last_configset = session.selection().to_dict()
         else:
             log.warning(
                 "search refresh at epoch %d selected nothing in bits %s; training set kept",
@@ -141,22 +139,6 @@ class SearchRefreshCallback(Callback):
             "observations": len(result.observations),
         }
         self.history.append(record)
-        provenance = make_provenance(
-            seed=seed,
-            model=ctx.model_name,
-            task=ctx.task_name,
-            kind="search refresh",
-            epoch=epoch,
-            search=OmegaConf.to_container(self.search_cfg, resolve=True),
-        )
-        cs = result.to_configset(method.space, provenance)
-        if selected:
-            state = result.to_configset(method.space, provenance, selected_only=True)
-            self.last_configset = state.to_dict()
-        if trainer is None or trainer.is_global_zero:
-            run_dir = Path(ctx.run_dir) if ctx.run_dir else None
-            if run_dir is not None:
-                cs.save(run_dir / f"configset_epoch{epoch}.json")
         if trainer is not None:
             lit.log_dict(
                 {

@@ -1,5 +1,5 @@
-"""Search outputs: configset, CSV tables, Pareto and hypervolume plots, W&B
-(docs/architecture.md, "coalora.search").
+"""Search outputs next to the configset (:mod:`coalora.search.session` writes it): CSV tables,
+Pareto and hypervolume plots, W&B (docs/architecture.md, "coalora.search").
 
 Every file is written atomically (temp file + rename), so an interrupted search leaves either the
 previous file or none. Column meanings:
@@ -26,7 +26,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from coalora.io import atomic_write  # noqa: E402
-from coalora.quant import QuantSpace  # noqa: E402
 
 OBS_COLUMNS = (
     "id",
@@ -190,27 +189,19 @@ def plot_hypervolume(result, path: str | Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def write_search_outputs(
-    result,
-    space: QuantSpace,
-    provenance: dict[str, Any],
-    run_dir: Path,
-    title: str = "",
-    bits_range: Sequence[float] | None = None,
+def write_search_tables(
+    result, run_dir: Path, title: str = "", bits_range: Sequence[float] | None = None
 ) -> dict[str, Path]:
-    """configset.json + observations.csv + hypervolume.csv + pareto.png + hypervolume.png."""
+    """observations.csv + hypervolume.csv + pareto.png + hypervolume.png."""
     run_dir = Path(run_dir)
-    out = {"configset": run_dir / "configset.json"}
-    result.to_configset(space, provenance).save(out["configset"])
-    out["observations"] = write_csv(
-        run_dir / "observations.csv", observation_rows(result), OBS_COLUMNS
-    )
-    out["hypervolume"] = write_csv(
-        run_dir / "hypervolume.csv", hypervolume_rows(result), HV_COLUMNS
-    )
-    out["pareto_plot"] = plot_pareto(result, run_dir / "pareto.png", title, bits_range)
-    out["hypervolume_plot"] = plot_hypervolume(result, run_dir / "hypervolume.png", title)
-    return out
+    return {
+        "observations": write_csv(
+            run_dir / "observations.csv", observation_rows(result), OBS_COLUMNS
+        ),
+        "hypervolume": write_csv(run_dir / "hypervolume.csv", hypervolume_rows(result), HV_COLUMNS),
+        "pareto_plot": plot_pareto(result, run_dir / "pareto.png", title, bits_range),
+        "hypervolume_plot": plot_hypervolume(result, run_dir / "hypervolume.png", title),
+    }
 
 
 class SearchWandb:

@@ -5,7 +5,7 @@ the checkpoint's model/task/space) before anything is built or written; build th
 (:mod:`coalora.search.objectives`); score the initial pool (budget allocations on a grid, the same
 allocations CoA-LoRA trains on without a configset; with ``ckpt=`` the run's own, through
 ``MethodContext.allocations``: recorded, else with the run's solver and sensitivity); run the GP + qLogNEHVI rounds
-(:func:`coalora.search.loop.run_search`); write ``configset.json`` (Pareto flag = segmented
+(:func:`coalora.search.session.run_session`); write ``configset.json`` (Pareto flag = segmented
 selection), ``observations.csv``, ``hypervolume.csv``, ``pareto.png``, ``hypervolume.png`` and
 ``results.json`` into the run directory (all atomically), plus W&B when ``logger=wandb``.
 """
@@ -26,7 +26,6 @@ from coalora.io import atomic_write_json
 from coalora.methods import registry
 from coalora.models import build_tokenizer
 from coalora.quant import QuantSpace
-from coalora.search.configset import make_provenance
 from coalora.search.objectives import CalibrationObjective, calibration_batches, require_switching
 from coalora.search.pool import label_pool
 from coalora.search.settings import SearchSettings
@@ -177,16 +176,15 @@ def print_summary(summary: dict[str, Any], header: str, configset: Path) -> None
 # ---------------------------------------------------------------- the stage
 def run(cfg: DictConfig) -> dict[str, Any]:
     space, settings = check_config(cfg)  # before the heavy imports: bad input fails in seconds
-    # botorch / gpytorch load here, after validation, so bad input fails without them
-    from coalora.search.loop import run_search
-    from coalora.search.report import SearchWandb, write_search_outputs
+    # matplotlib (here) and botorch / gpytorch (run_session) load after validation
+    from coalora.search.report import SearchWandb
+    from coalora.search.session import run_session
 
     set_env_defaults()
     run_dir = run_dir_of(cfg)
     objective, _, ctx = build_objective(cfg)
     ckpt = str(Path(cfg.ckpt).resolve()) if cfg.get("ckpt") else None
     kind = f"checkpoint {ckpt}" if ckpt else "fresh head (B = 0)"
-    names, numels = objective.names, objective.numels
     budgets = settings.pool.budgets(space, "search.pool")
     allocs = ctx.allocations(objective.model, budgets, space=space)
     pool, sources = label_pool({b: a.config for b, a in allocs.items()})
@@ -197,32 +195,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         {
             "ckpt": ckpt,
             "objective": kind,
-            "target_layers": len(names),
+            "target_layers": len(objective.names),
             "initial_pool": len(pool),
         },
     )
     wb = SearchWandb.start(cfg, run_dir) if "wandb" in (cfg.get("logger") or {}) else None
     try:
-        result = run_search(
-            objective, pool, space, names, numels, seed=int(cfg.seed), progress=True,
-            on_iteration=wb.log_iteration if wb else None, initial_sources=sources,
-            **settings.run_kwargs(),
+        session = run_session(
+            objective, pool, sources, space, settings, seed=int(cfg.seed),
+            provenance=dict(
+                model=cfg.model.name, task=cfg.task.name,
+                command=" ".join(["search.py", *sys.argv[1:]]), ckpt=ckpt, objective=kind,
+                search=OmegaConf.to_container(cfg.search, resolve=True),
+                bits_range=list(settings.bits_range),
+            ),
+            run_dir=run_dir, outputs=True, title=f"{cfg.model.name} / {cfg.task.name}",
+            progress=True, on_iteration=wb.log_iteration if wb else None,
         )  # fmt: skip
+        result, paths = session.result, session.paths
         summary = summarize(result, kind)
-        provenance = make_provenance(
-            seed=int(cfg.seed), model=cfg.model.name, task=cfg.task.name,
-            command=" ".join(["search.py", *sys.argv[1:]]), ckpt=ckpt,
-            objective=kind, search=OmegaConf.to_container(cfg.search, resolve=True),
-            bits_range=list(settings.bits_range), reference=result.reference,
-        )  # fmt: skip
-        paths = write_search_outputs(
-            result,
-            space,
-            provenance,
-            run_dir,
-            title=f"{cfg.model.name} / {cfg.task.name}",
-            bits_range=settings.bits_range,
-        )
         results = {
             "model": cfg.model.name,
             "task": cfg.task.name,
