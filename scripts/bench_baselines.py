@@ -160,7 +160,8 @@ def main() -> None:
     cache_dir = args.cache_dir or tmp / "cache"
     state = None
     if args.from_ckpt is not None:
-        from coalora.stages.export import merged_model
+        from coalora.deploy.merged import merged_model
+        from coalora.stages.build import build_backbone
         from coalora.stages.restore import restore
 
         run_cfg, lit = restore(args.from_ckpt, cache_dir=cache_dir)
@@ -168,7 +169,8 @@ def main() -> None:
             sys.exit(
                 f"--from-ckpt needs a full-precision run (quant=none), got quant={run_cfg.quant.mode}"
             )
-        state = merged_model(lit, run_cfg).state_dict()
+        fresh = build_backbone(run_cfg)
+        state = merged_model(lit.model, lit.method.names, fresh, run_cfg.task).state_dict()
         del lit
         tables = None
     else:

@@ -85,7 +85,7 @@ def test_round_trip_logits_equal_the_training_time_model(trained):
             out = model(trained["ids"]).logits
         assert torch.equal(out, trained["logits"][label])
         wrapped = model.get_submodule(trained["names"][0])
-        assert isinstance(wrapped, deploy.PackedLoRALinear)
+        assert isinstance(wrapped, LoRALinear) and not wrapped.lora_B.requires_grad
         assert isinstance(wrapped.base_layer, QuantLinear) and wrapped.base_layer.weight_fp is None
 
 

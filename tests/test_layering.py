@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LOWER = ["quant", "adapters", "models", "data", "methods", "search"]
+LOWER = ["quant", "adapters", "models", "data", "methods", "search", "deploy"]
 
 
 def sources(*parts: str) -> list[Path]:

@@ -41,6 +41,26 @@ class LoRALinear(AdapterLayer):
         self._mix: Tensor | None = None  # (r, r) inside a mixing() block
         self._folded_B: Tensor | None = None  # (d_out, r) = B M after fold()
 
+    @classmethod
+    def from_weights(
+        cls, base_layer: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float
+    ) -> LoRALinear:
+        """A frozen LoRA with trained ``lora_A`` (r, d_in), ``lora_B`` (d_out, r) and ``scaling``
+        (an exported adapter, B already folded): the forward of training, nothing trainable."""
+        r = int(lora_A.shape[0])
+        with torch.device("meta"):  # A and B are given: no initialisation (and no RNG draw)
+            layer = cls(base_layer, r, alpha=float(scaling) * r)
+        d_out, d_in = layer.out_features, layer.in_features
+        if tuple(lora_A.shape) != (r, d_in) or tuple(lora_B.shape) != (d_out, r):
+            raise ValueError(
+                f"LoRA A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)} do not fit a "
+                f"({d_out}, {d_in}) base"
+            )
+        layer.lora_A = nn.Parameter(lora_A, requires_grad=False)
+        layer.lora_B = nn.Parameter(lora_B, requires_grad=False)
+        layer.scaling = float(scaling)
+        return layer
+
     # ---------------------------------------------------------------- mixing (CoA-LoRA)
     @contextmanager
     def mixing(self, mix: Tensor) -> Iterator[None]:

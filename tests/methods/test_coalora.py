@@ -108,8 +108,9 @@ def test_train_on_is_checked(tiny_cfg, overrides, needle):
 @pytest.mark.parametrize("method", ["coalora"])
 def test_peft_export_round_trip_gives_equal_logits(built, tmp_path, method):
     peft = pytest.importorskip("peft")
+    from coalora.deploy.peft import adapter_config, load_quantized_base, peft_state
+    from coalora.deploy.writer import write_export
     from coalora.models import build_model
-    from coalora.stages.export import adapter_config, load_quantized_base, peft_state, write_export
 
     cfg, lit, dm = built([f"method={method}", *POOL])
     m = lit.method

@@ -10,15 +10,12 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from coalora.adapters import LoRALinear, adapter_modules
+from coalora.deploy.merged import effective_linear, merged_model
+from coalora.deploy.writer import write_export
 from coalora.errors import ConfigError
 from coalora.methods import registry
-from coalora.stages.export import (
-    effective_linear,
-    export_configuration,
-    export_format,
-    merged_model,
-    write_export,
-)
+from coalora.stages.build import build_backbone
+from coalora.stages.export import export_configuration, export_format
 
 UNIFORM3 = ["quant=uniform", "quant.config.bits=3"]
 
@@ -56,7 +53,7 @@ def test_merged_checkpoint_reproduces_the_adapted_logits(built, tmp_path, method
         adapt(lit, lit.method.config)
     batch = next(iter(dm.val_dataloader()))
     expected = logits(lit.model, batch)
-    merged = merged_model(lit, cfg)
+    merged = merged_model(lit.model, lit.method.names, build_backbone(cfg), cfg.task)
     assert torch.allclose(logits(merged, batch), expected, atol=1e-4)
     out = write_export(tmp_path / "merged", {"model": merged, "README.md": "x"})
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
@@ -94,7 +91,8 @@ def test_formats_and_fixed_configurations_fail_clearly(built):
 
 
 def test_regression_head_exports_task_units_and_classes_get_names():
-    from coalora.stages.export import class_names, fold_label_affine
+    from coalora.deploy.merged import class_names
+    from coalora.deploy.writer import fold_label_affine
 
     torch.manual_seed(0)
     model = torch.nn.Sequential()

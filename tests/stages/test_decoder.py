@@ -67,10 +67,10 @@ def test_coalora_decoder_evaluate_and_peft_export(cache, tmp_path):
     from peft import PeftModel
 
     from coalora import adapt
+    from coalora.deploy.peft import load_quantized_base
     from coalora.models import build_causal_lm
     from coalora.quant.build import allocations
     from coalora.quant.model import model_weights
-    from coalora.stages.export import load_quantized_base
     from coalora.stages.restore import restore
 
     cfg = compose_lm(["method=coalora", *POOL, "trainer.max_steps=3"], cache, tmp_path)

@@ -136,8 +136,8 @@ def test_export_never_deletes_what_it_did_not_write(coalora_run):
     """An existing folder that is not this run's export is refused (one line, nothing touched),
     the run directory can never be the target, and re-exporting into our own export replaces it
     atomically."""
+    from coalora.deploy.writer import write_export
     from coalora.errors import ConfigError
-    from coalora.stages.export import write_export
 
     run = (coalora_run / "run").resolve()
     stranger = coalora_run / "stranger"

@@ -1,0 +1,181 @@
+"""The packed export reader: ``load(path, budget)`` serves one configuration of a packed export.
+
+It verifies the manifest (``coalora.deploy.format``: every file's size and sha256), rebuilds the
+``transformers`` model from ``config.json`` (or fills a given instance), loads the base weights
+and replaces each target linear by a packed ``QuantLinear`` holding only the chosen
+configuration's entries (docs/packed.md), wrapped in the project's ``LoRALinear`` (LoRA, arXiv
+2106.09685; frozen, B already folded for CoA-LoRA, arXiv 2509.25214 §3) when the configuration
+has an adapter. ``merge=True`` folds the LoRA into the base by re-quantizing ``deq(Q) + s·BA``
+with the same option; ``backend="bnb"`` serves the same values through bitsandbytes'
+``Linear4bit`` (``coalora.quant.bnb.bnb_linear4bit``). Imports neither Lightning, Hydra nor
+botorch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from coalora.adapters.lora import LoRALinear
+from coalora.deploy.format import (
+    BASE,
+    PACKED,
+    clean_state_dict,
+    entry_key,
+    pick_label,
+    read_manifest,
+    tensor_key,
+)
+from coalora.errors import CoaloraError
+from coalora.quant.bnb import bnb_linear4bit
+from coalora.quant.config import ModelQuantConfig
+from coalora.quant.linear import DequantCache, QuantLinear
+from coalora.quant.model import replace_module
+from coalora.quant.nf import quantize_nf
+from coalora.quant.packing import PackedTensor, dequantize_packed, pack_quantized
+
+BACKENDS = ("packed", "bnb")
+
+
+def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Module:
+    """The model to fill: ``base_model``, or the export's architecture built from its config;
+    either must have the export's targets with their shapes."""
+    if base_model is None:
+        import transformers
+
+        cls = getattr(transformers, manifest["architecture"], None)
+        if cls is None:
+            raise CoaloraError(
+                f"{path}: architecture {manifest['architecture']!r} is unknown to transformers "
+                f"{transformers.__version__}"
+            )
+        config = transformers.AutoConfig.from_pretrained(str(path))
+        with torch.no_grad():
+            base_model = cls(config)
+    hf = getattr(base_model, "config", None)
+    arch = type(base_model).__name__
+    if arch != manifest["architecture"] or getattr(hf, "model_type", "") != manifest["model_type"]:
+        raise CoaloraError(
+            f"{path}: export is for {manifest['architecture']} ({manifest['model_type']}), "
+            f"the model is {arch} ({getattr(hf, 'model_type', '')})"
+        )
+    for name, (d_out, d_in) in manifest["targets"].items():
+        try:
+            m = base_model.get_submodule(name)
+        except AttributeError:
+            m = None
+        if not isinstance(m, nn.Linear) or (m.out_features, m.in_features) != (d_out, d_in):
+            got = None if m is None else tuple(getattr(m, "weight", torch.empty(0)).shape)
+            raise CoaloraError(
+                f"{path}: export for another model: target {name} is ({d_out}, {d_in}) in the "
+                f"export, {got} in the model"
+            )
+    return base_model
+
+
+def _load_base(model: nn.Module, path: Path, manifest: dict, adapter: dict[str, Tensor]) -> None:
+    """Fill the non-target weights from ``base.safetensors`` (+ the adapter's overrides)."""
+    base = load_file(str(path / BASE))
+    expected = clean_state_dict(model, list(manifest["targets"]))
+    missing = sorted(set(expected) - set(base) - set(manifest["tied"]))
+    shape_bad = [k for k, v in base.items() if k in expected and expected[k].shape != v.shape]
+    unexpected = sorted(set(base) - set(expected))
+    if missing or shape_bad or unexpected:
+        raise CoaloraError(
+            f"{path}: export for another model: base weights missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {shape_bad[:3]}"
+        )
+    overrides = {
+        k: v for k, v in adapter.items() if k.rpartition(".")[2] not in ("lora_A", "lora_B")
+    }
+    model.load_state_dict({**base, **overrides}, strict=False)
+    if manifest["tied"] and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _merge(p: PackedTensor, A: Tensor, B: Tensor, s: float) -> tuple[PackedTensor, float]:
+    """``deq(p) + s·BA`` re-quantized with ``p``'s option, and the relative error that adds."""
+    with torch.no_grad():
+        target = dequantize_packed(p) + s * (B.float() @ A.float())  # (d_out, d_in)
+        merged = pack_quantized(quantize_nf(target, p.qc))
+        err = dequantize_packed(merged) - target
+    return merged, float(err.norm() / target.norm().clamp_min(1e-30))
+
+
+def load(
+    path: str | Path,
+    budget: Any = None,
+    merge: bool = False,
+    base_model: nn.Module | None = None,
+    verify: bool = True,
+    backend: str = "packed",
+) -> nn.Module:
+    """A ready ``transformers`` model serving configuration ``budget`` of the export at ``path``.
+
+    Target linears become packed ``QuantLinear`` layers (+ a frozen ``LoRALinear`` when the
+    configuration has an adapter). ``merge=True`` folds the LoRA into the base by re-quantizing
+    ``deq(Q) + s·BA`` with the same option; the relative error that adds is in
+    ``model.coalora_export["merge_error"]``. ``base_model`` (optional) is an instance to fill
+    instead of building one from ``config.json``; it must be the exported architecture.
+    ``backend="bnb"`` builds bitsandbytes ``Linear4bit`` layers instead (every option of the
+    configuration must be bits=4, block0=64; same values, see ``bnb_linear4bit``).
+    """
+    if backend not in BACKENDS:
+        raise CoaloraError(f"backend={backend!r} is not allowed; allowed: {list(BACKENDS)}")
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    label = pick_label(manifest, budget, path)
+    info = manifest["configurations"][label]
+    config = ModelQuantConfig.from_dict(
+        json.loads((path / info["config"]).read_text()), source=str(path / info["config"])
+    )
+    model = _skeleton(manifest, path, base_model)
+    adapter = load_file(str(path / info["adapter"])) if "adapter" in info else {}
+    _load_base(model, path, manifest, adapter)
+
+    merge_error: dict[str, float] = {}
+    cache = DequantCache(0, storage="packed")
+    s = float(info.get("scaling", 1.0))
+    with safe_open(str(path / PACKED), framework="pt") as f:
+        for name in manifest["targets"]:
+            qc = config[name]
+            key = entry_key(name, qc)
+            if key not in manifest["entries"]:
+                raise CoaloraError(f"{path}: entry {key} of configuration {label!r} is missing")
+            try:
+                fields = {fd: f.get_tensor(tensor_key(key, fd)) for fd in PackedTensor.FIELDS}
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise CoaloraError(f"{path}/{PACKED}: cannot read {key}: {e}") from None
+            p = PackedTensor(**fields, shape=tuple(manifest["entries"][key]["shape"]), qc=qc)
+            p.validate(f"{PACKED}: entry {key}")
+            linear = model.get_submodule(name)
+            A, B = adapter.get(f"{name}.lora_A"), adapter.get(f"{name}.lora_B")
+            if merge and A is not None:
+                p, merge_error[name] = _merge(p, A, B, s)
+                A = B = None
+            if backend == "bnb":
+                layer = bnb_linear4bit(p, linear.bias, linear.weight.dtype)
+            else:
+                layer = QuantLinear.from_packed(name, {qc: p}, linear.bias, cache)
+            replace_module(
+                model, name, layer if A is None else LoRALinear.from_weights(layer, A, B, s)
+            )
+    model.coalora_export = {
+        "path": str(path),
+        "label": label,
+        "config": config,
+        "average_bits": config.average_bits(),
+        "merged": bool(merge),
+        "merge_error": merge_error,
+        "backend": backend,
+    }
+    return model.eval()
+
+
+__all__ = ["BACKENDS", "load"]
