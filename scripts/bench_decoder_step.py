@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from coalora.io import atomic_write_json
-from coalora.quant.bnb import bnb_cpu_status, bnb_weight_bytes
+from coalora.quant.bnb import bnb_cpu_status, bnb_weight_bytes, replace_with_bnb_nf4
 from coalora.report.bench import (
     emit_markdown,
     header_lines,
@@ -338,7 +338,6 @@ def build_peft_bnb(args) -> Trainee:
         )
         how = "from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, fp32 compute), device_map='cpu')"
     except Exception as e:  # noqa: BLE001 - fall back to replacing the modules ourselves
-        from coalora.quant.bnb import replace_with_bnb_nf4
         from coalora.quant.model import target_linear_names
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -1,15 +1,22 @@
-"""scripts/bench_decoder_step.py on tiny_llama: every variant trains (its first step is checked
-and the loss falls on the repeated batch), the interleaved times give paired ratios, the deploy
-export serves the training-time logits, the memory rows split resident vs packed bytes, and the
-step check fails for a variant that does not train."""
+"""scripts/bench_decoder_step.py on tiny_llama, run as a program: every variant trains (its first
+step is checked and the loss falls on the repeated batch), the interleaved times give paired
+ratios, the deploy export serves the training-time logits, the memory rows split resident vs packed
+bytes, and the step check fails for a variant that does not train. Results are read from the JSON
+and markdown the script writes."""
 
 from __future__ import annotations
 
+import json
 import math
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from coalora.methods.base import Method
+from coalora.quant.bnb import bnb_cpu_status
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_decoder_step.py"
@@ -18,13 +25,18 @@ SMALL_SPACE = ["quant.space.bits0=[8]", "quant.space.dtype1=[fp32]", "quant.spac
 
 
 @pytest.fixture(scope="module")
-def bench() -> dict:
-    return runpy.run_path(str(SCRIPT))
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench-step-cache")
+
+
+def run_script(monkeypatch, args: list[str]) -> None:
+    """``python scripts/bench_decoder_step.py <args>``, in this process."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def results(out: Path) -> dict:
+    return json.loads(out.with_suffix(".json").read_text())["results"]
 
 
 def common(cache: Path) -> list[str]:
@@ -33,15 +45,17 @@ def common(cache: Path) -> list[str]:
     return args + [x for o in SMALL_SPACE for x in ("--override", o)]
 
 
-def test_every_variant_trains_and_is_timed(bench, cache, tmp_path):
+def test_every_variant_trains_and_is_timed(cache, tmp_path, monkeypatch):
     variants = ["coalora", "qlora_packed", "qlora_dequantized", "lora"]
-    if bench["bnb_cpu_status"]() is None:  # bitsandbytes runs on this CPU
+    if bnb_cpu_status() is None:  # bitsandbytes runs on this CPU
         variants.append("peft_bnb")
     out = tmp_path / "bench"
-    res = bench["main"](
+    run_script(
+        monkeypatch,
         [*common(cache), "--reps", "1", "--parts", "speed,infer", "--variants",
-         ",".join(variants), "--out", str(out)]
+         ",".join(variants), "--out", str(out)],
     )  # fmt: skip
+    res = results(out)
     speed = res["speed"]["variants"]
     assert list(speed) == variants
     for name, r in speed.items():
@@ -67,16 +81,15 @@ def test_every_variant_trains_and_is_timed(bench, cache, tmp_path):
     assert out.with_suffix(".json").exists()
 
 
-def test_memory_rows_split_resident_and_packed_bytes(bench, cache, tmp_path):
+def test_memory_rows_split_resident_and_packed_bytes(cache, tmp_path, monkeypatch):
     out = tmp_path / "rss"
-    res = bench["main"](
-        [*common(cache), "--steps", "1", "--parts", "rss", "--rss-variants", "qlora_packed",
-         "--out", str(out)]
+    run_script(
+        monkeypatch,
+        [*common(cache), "--steps", "1", "--parts", "rss", "--rss-variants",
+         "qlora_packed,coalora", "--out", str(out)],
     )  # fmt: skip
-    packed = res["rss"][0]  # measured in a child process
-    args = bench["parse_args"]([*common(cache), "--steps", "1"])
-    args.tmp = tmp_path
-    multi = bench["rss_row"]("coalora", args)["weights"]  # in process
+    packed, coalora = results(out)["rss"]  # each measured in a child process
+    multi = coalora["weights"]
     w = packed["weights"]
     assert w["original"] == 0  # QLoRA drops the fp32 originals: one fixed configuration
     assert multi["original"] > 0  # CoA-LoRA keeps them for configurations not seen yet
@@ -86,15 +99,18 @@ def test_memory_rows_split_resident_and_packed_bytes(bench, cache, tmp_path):
     assert "| qlora_packed |" in out.with_suffix(".md").read_text()
 
 
-def test_the_step_check_fails_when_a_variant_does_not_train(bench, cache, tmp_path):
-    args = bench["parse_args"](common(cache))
-    args.tmp = tmp_path
-    batch = bench["wikitext_batch"](args)
-    tr = bench["build"]("qlora_packed", args)
-    for group in tr.opt.param_groups:
-        group["lr"] = 0.0
-    with pytest.raises(AssertionError, match="moved no parameter"):
-        tr.step(batch, check=True)
-    tr.model.get_input_embeddings().weight.requires_grad_(True)  # a base weight trains
+def test_the_step_check_fails_when_a_variant_does_not_train(cache, tmp_path, monkeypatch):
+    args = [*common(cache), "--reps", "1", "--parts", "speed", "--variants", "qlora_packed"]
+    args += ["--out", str(tmp_path / "check")]
+    with monkeypatch.context() as m, pytest.raises(AssertionError, match="moved no parameter"):
+        m.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)  # steps nothing
+        run_script(m, args)
+    loss = Method.training_loss
+
+    def unfreezing(self, model, batch, step):
+        model.get_input_embeddings().weight.requires_grad_(True)  # a base weight trains
+        return loss(self, model, batch, step)
+
+    monkeypatch.setattr(Method, "training_loss", unfreezing)
     with pytest.raises(AssertionError, match="frozen parameters got gradients"):
-        tr.step(batch, check=True)
+        run_script(monkeypatch, args)
