@@ -10,6 +10,7 @@ import pytest
 
 from coalora.errors import ConfigError
 from coalora.report import compare as C
+from coalora.report import runs as R
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compare.py"
 
@@ -85,7 +86,7 @@ def test_two_seeds_of_one_method_are_two_series(tmp_path):
         coalora_run(tmp_path / "a", seed=1, accs=(0.80, 0.85)),
         coalora_run(tmp_path / "b", seed=2, accs=(0.70, 0.90)),
     ]
-    frame = C.load_frame(runs)
+    frame = R.load_frame(runs)
     assert sorted(frame["series"].unique()) == ["coalora seed 1", "coalora seed 2"]
     # each line is monotone in bits: no zigzag through both runs' points
     for _, grp in frame.groupby("series"):
@@ -103,9 +104,9 @@ def test_settings_that_differ_name_the_series(tmp_path):
         res = json.loads((run / "results.json").read_text())
         res["config"] = {"name": "coalora", "rank": 8, "configset": configset}
         (run / "results.json").write_text(json.dumps(res))
-    names = sorted(C.load_frame([a, b])["series"].unique())
+    names = sorted(R.load_frame([a, b])["series"].unique())
     assert names == ["coalora configset=None", "coalora configset=x/configset.json"]
-    assert sorted(C.load_frame([a, b], labels="run")["series"].unique()) == ["pool", "searched"]
+    assert sorted(R.load_frame([a, b], labels="run")["series"].unique()) == ["pool", "searched"]
 
 
 def test_sweep_folder_and_glob_skip_multirun_yaml(tmp_path):
@@ -114,13 +115,13 @@ def test_sweep_folder_and_glob_skip_multirun_yaml(tmp_path):
         write(sweep / str(job), {"method": "qlora", "avg_bits": budget, "seed": 0,
                                  "metrics": {"val/acc": 0.8}})  # fmt: skip
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    by_folder = C.expand_runs([str(sweep)])
+    by_folder = R.expand_runs([str(sweep)])
     assert [p.name for p in by_folder] == ["0", "1", "10"]
-    assert C.expand_runs([f"{sweep}/*"]) == by_folder
+    assert R.expand_runs([f"{sweep}/*"]) == by_folder
     # one seed of a per-budget sweep is one line through its budgets
-    assert C.load_frame(by_folder)["series"].unique().tolist() == ["qlora"]
+    assert R.load_frame(by_folder)["series"].unique().tolist() == ["qlora"]
     with pytest.raises(ConfigError, match="matches no path"):
-        C.expand_runs([f"{tmp_path}/nothing*"])
+        R.expand_runs([f"{tmp_path}/nothing*"])
 
 
 def test_aggregate_band_and_loss_overlay(tmp_path, monkeypatch):
@@ -175,7 +176,7 @@ def test_time_for_configs_linear_vs_flat(tmp_path, monkeypatch):
                 },
             )  # fmt: skip
         )
-    times = C.fit_time_table(C.load_frame(runs)).set_index("series")
+    times = C.fit_time_table(R.load_frame(runs)).set_index("series")
     assert times.loc["qlora", "runs"] == 2 and not times.loc["qlora", "shared"]
     assert C.time_for_configs(times.loc["qlora"], 20) == pytest.approx(2000.0)
     assert C.time_for_configs(times.loc["coalora"], 1) == C.time_for_configs(
@@ -195,10 +196,10 @@ def test_evaluate_runs_take_model_and_task_from_the_trained_run(tmp_path):
     (ev / "results.json").write_text(
         json.dumps({"ckpt": str(trained), "method": "coalora", "rows": rows})
     )
-    frame = C.load_frame([ev])
+    frame = R.load_frame([ev])
     assert set(frame["model"]) == {"minilm_l6"} and set(frame["task"]) == {"sst2"}
     assert set(frame["kind"]) == {"allocation", "random0"}
-    times = C.fit_time_table(C.load_frame([trained, ev])).set_index("method")
+    times = C.fit_time_table(R.load_frame([trained, ev])).set_index("method")
     assert times.loc["coalora", "adapt_ms"] == pytest.approx(3.0)
 
 
@@ -224,14 +225,14 @@ def test_job_zero_of_two_sweeps_stays_two_runs(tmp_path):
                 {"method": "qlora", "avg_bits": 3.0, "seed": 0, "metrics": {"val/acc": acc}},
             )
         )
-    frame = C.load_frame(runs)
+    frame = R.load_frame(runs)
     assert sorted(frame["series"]) == [
         "qlora (2026-12-01_10-00-00/0)",
         "qlora (2026-12-01_11-00-00/0)",
     ]
     agg = C.aggregate_seeds(frame, "acc")
     assert len(agg) == 2 and set(agg["n"]) == {1}  # never averaged together
-    assert sorted(C.load_frame(runs, labels="run")["series"]) == [
+    assert sorted(R.load_frame(runs, labels="run")["series"]) == [
         "2026-12-01_10-00-00/0",
         "2026-12-01_11-00-00/0",
     ]
@@ -261,8 +262,8 @@ def lm_pair(tmp_path: Path) -> list[Path]:
 
 
 def test_lm_runs_compare_on_perplexity_lower_is_better(tmp_path):
-    frame = C.load_frame(lm_pair(tmp_path))
-    assert C.primary_metric(frame) == "ppl"
+    frame = R.load_frame(lm_pair(tmp_path))
+    assert R.primary_metric(frame) == "ppl"
     assert "acc" not in frame.columns  # the zero-shot "arc_easy/acc" is not the task metric
     ranks = frame.assign(rank=C.rank_in_cells(frame, "ppl")).set_index(["method", "budget"])
     assert ranks.loc[("coalora", 2.5), "rank"] == 1 and ranks.loc[("qlora", 2.5), "rank"] == 2
@@ -277,7 +278,7 @@ def test_lm_runs_compare_on_perplexity_lower_is_better(tmp_path):
 
 
 def test_higher_is_better_metrics_still_rank_the_highest_first(tmp_path):
-    frame = C.load_frame([coalora_run(tmp_path / "a", accs=(0.80, 0.85)),
+    frame = R.load_frame([coalora_run(tmp_path / "a", accs=(0.80, 0.85)),
                           coalora_run(tmp_path / "b", accs=(0.70, 0.90))])  # fmt: skip
     ranked = frame.assign(rank=C.rank_in_cells(frame, "acc")).set_index(["run", "budget"])
     assert ranked.loc[(str(tmp_path / "a"), 2.5), "rank"] == 1
@@ -286,7 +287,7 @@ def test_higher_is_better_metrics_still_rank_the_highest_first(tmp_path):
 
 
 def test_hypervolume_of_log_perplexity(tmp_path):
-    frame = C.load_frame(lm_pair(tmp_path))
+    frame = R.load_frame(lm_pair(tmp_path))
     text = C.hypervolume_lines(frame, "ppl")
     # (bits, log ppl) minimised, reference (3.0 + 0.25, 1.1 × the largest log ppl = 11)
     coa = (3.25 - 2.5) * (11 - 4.0) + (3.25 - 3.0) * (4.0 - 3.0)
@@ -310,9 +311,9 @@ def test_compare_script_on_decoder_runs(tmp_path, monkeypatch):
 
 
 def test_unknown_metric_is_refused(tmp_path):
-    frame = C.load_frame(lm_pair(tmp_path))
+    frame = R.load_frame(lm_pair(tmp_path))
     with pytest.raises(ConfigError, match="metric='bleu' is not allowed"):
-        C.primary_metric(frame, "bleu")
+        R.primary_metric(frame, "bleu")
 
 
 @pytest.mark.parametrize(("metric", "scale"), [("ppl", "log"), ("acc", "linear")])
