@@ -3,12 +3,14 @@ configurations), checkpoint I/O, loggers, callbacks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,45 @@ def is_global_zero() -> bool:
     """Rank 0 of a (possibly distributed) job: only it writes run metadata (DDP launches the
     other ranks as copies of this process with RANK / LOCAL_RANK set)."""
     return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+RUN_LOCK = ".coalora.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, stage: str) -> Iterator[None]:
+    """Hold ``<run_dir>/.coalora.lock`` (an exclusive, non-blocking ``flock``) for the body, so
+    a second ``train.py`` or ``evaluate.py`` aimed at the same folder stops with one line instead
+    of mixing its files with ours (docs/reliability.md, "One process per run directory").
+
+    Rank 0 only: the other ranks of a distributed job are copies of the holder. The lock goes
+    with the process, also on SIGKILL, so a killed run never leaves a stale lock; the file stays
+    (removing it would let a third process lock a new inode while a second holds the old one).
+    Where ``fcntl`` does not exist (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None
+    if fcntl is None or not is_global_zero():
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ConfigError(
+                f"the run directory {run_dir} is in use by {holder}; wait for it to finish or "
+                f"choose another hydra.run.dir for this {stage}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{stage} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_run_info(cfg: DictConfig, run_dir: Path, stage: str, extra: dict | None = None) -> None:

@@ -27,7 +27,7 @@ from coalora.io import atomic_write, atomic_write_json
 from coalora.models import build_tokenizer, task_kind
 from coalora.quant import ModelQuantConfig, QuantSpace
 from coalora.report.plots import plot_metric_vs_bits
-from coalora.stages.common import set_env_defaults, write_run_info
+from coalora.stages.common import run_dir_lock, set_env_defaults, write_run_info
 from coalora.stages.restore import load_run
 from coalora.zeroshot import ZeroShotTasks, resolve_tasks, run_lm_eval
 
@@ -107,6 +107,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ):
         raise ConfigError(f"eval.max_eval_samples={n_eval!r} must be a positive integer or null")
     run = load_run(cfg.ckpt, cache_dir=cfg.paths.cache_dir, with_data=True, max_eval_samples=n_eval)
+    with run_dir_lock(Path(cfg.paths.output_dir), "evaluate"):
+        return _evaluate(cfg, run)
+
+
+def _evaluate(cfg: DictConfig, run) -> dict[str, Any]:
     run_cfg, lit, dm = run.cfg, run.lit, run.datamodule
     loader = dm.val_dataloader()
     method = lit.method

@@ -25,6 +25,7 @@ from coalora.stages.common import (
     finish_wandb,
     log_run_to_loggers,
     record_configurations,
+    run_dir_lock,
     set_env_defaults,
     write_run_info,
 )
@@ -35,7 +36,12 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     set_env_defaults()
     torch.set_float32_matmul_precision("high")
-    dm, model, method, ctx = prepare(cfg)
+    dm, model, method, ctx = prepare(cfg)  # bad input fails here, before any file of ours
+    with run_dir_lock(ctx.run_dir, "train"):
+        return _train(cfg, dm, model, method, ctx)
+
+
+def _train(cfg: DictConfig, dm, model, method, ctx) -> dict[str, Any]:
     run_dir = ctx.run_dir
     check_fresh_run_dir(run_dir, cfg.get("ckpt_path"))
     t0 = time.perf_counter()

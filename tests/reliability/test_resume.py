@@ -88,9 +88,15 @@ SEED = int(os.environ.get("COALORA_CHAOS_SEED", "0"))
         (SEED, ["method=lora", "method.dropout=0.1"]),
         pytest.param(  # a decoder: 64 WikiText-2 blocks, 8 batches per epoch like tiny_bert
             SEED,
-            ["model=tiny_llama", "task=wikitext2", "task.block_length=32",
-             "task.max_train_blocks=64", "task.eval_blocks=4", "method=lora",
-             "method.dropout=0.1"],
+            [
+                "model=tiny_llama",
+                "task=wikitext2",
+                "task.block_length=32",
+                "task.max_train_blocks=64",
+                "task.eval_blocks=4",
+                "method=lora",
+                "method.dropout=0.1",
+            ],
             id="tiny_llama",
         ),  # fmt: skip
         pytest.param(
