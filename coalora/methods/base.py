@@ -30,6 +30,7 @@ from coalora.quant import (
     own_frozen_weights,
     quantize_model,
 )
+from coalora.quant.bnb import replace_with_bnb_nf4  # imports bitsandbytes lazily
 from coalora.quant.build import Allocation
 
 
@@ -120,8 +121,6 @@ class Method:
         if q.mode == "none":
             return
         if q.mode == "bnb_nf4":
-            from coalora.quant.bnb import replace_with_bnb_nf4  # bitsandbytes: only for bnb_nf4
-
             replace_with_bnb_nf4(model, self.names)
             return
 
