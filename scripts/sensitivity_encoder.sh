@@ -2,7 +2,7 @@
 # Loss-aware vs data-free allocation on an encoder (docs/quantization.md, "Sensitivity"): QLoRA on
 # MiniLM-L6 / SST-2 at each budget, the base allocated with quant.sensitivity=none and =fisher,
 # the same seed, data order and step count; then evaluate.py on the full SST-2 dev set
-# (872 examples) with per-example predictions and scripts/paired_test.py (McNemar's exact test
+# (872 examples) with per-example predictions and scripts/paired.py (McNemar's exact test
 # and a paired bootstrap interval of the accuracy difference, fisher vs none).
 #
 # Step 0 is not informative here: the classification head starts random, so every allocation
@@ -42,5 +42,5 @@ for b in $BUDGETS; do
     cp "$run/eval/results.json" "$run/eval/predictions.csv" "$run/allocations.json" "$RESULTS/$name/"
     evals+=("$run/eval")
   done
-  "$PY" scripts/paired_test.py "${evals[@]}" --out "$RESULTS/paired_b${b}.md"
+  "$PY" scripts/paired.py "${evals[@]}" --out "$RESULTS/paired_b${b}.md"
 done

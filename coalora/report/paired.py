@@ -1,8 +1,7 @@
-"""Paired significance test between runs scored on the same dev examples (or evaluation blocks).
+"""Paired significance tests between evaluation runs scored on the same dev examples (or
+evaluation blocks), behind ``scripts/paired.py``.
 
-    python scripts/paired_test.py <eval dir A> <eval dir B> [<eval dir C> ...] [--out FILE]
-
-Each directory is an ``evaluate.py`` run with ``predictions.csv`` (``eval.save_predictions=true``,
+Each run is an ``evaluate.py`` run directory with ``predictions.csv`` (``eval.save_predictions=true``,
 the default). Every other run (B) is compared with the first (A, the reference) on every
 ``predictions.csv`` column both have: ``<budget>`` (the allocation) and ``<budget>-random<i>``
 (a held-out random configuration near the budget).
@@ -12,20 +11,21 @@ examples (the two-sided binomial test of ``b`` vs ``c``), and a 95% paired-boots
 the difference.
 
 Language modelling (a run whose results rows report ``ppl``, or whose training run's config has
-``task.kind: causal_lm``): ``predictions.csv`` holds per evaluation block its scored tokens
-(``label``) and summed NLL. Perplexity of each, ppl(B) − ppl(A) with a 95% paired bootstrap
-interval over blocks (``coalora.data.metrics.paired_bootstrap_perplexity``: both runs resampled
-with the same blocks) and the fraction of resamples in which B is not lower than A. Two runs must
-have scored the same blocks with the same token counts.
+``task.kind: causal_lm``; docs/decoder_lms.md): ``predictions.csv`` holds per evaluation block its
+scored tokens (``label``) and summed NLL. Perplexity of each, ppl(B) − ppl(A) with a 95% paired
+bootstrap interval over blocks (``coalora.data.metrics.paired_bootstrap_perplexity``: both runs
+resampled with the same blocks) and the fraction of resamples in which B is not lower than A. Two
+runs must have scored the same blocks with the same token counts.
 
-A difference whose interval contains 0 is within what the dev set can resolve.
+A difference whose interval contains 0 is within what the dev set can resolve. Bad input raises
+:class:`coalora.errors.ConfigError` naming the run.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ from omegaconf import OmegaConf
 from scipy.stats import binomtest, bootstrap
 
 from coalora.data.metrics import is_causal_lm, paired_bootstrap_perplexity, perplexity
-from coalora.report.bench import emit_markdown
-from coalora.report.compare import trained_run_dir
+from coalora.errors import ConfigError
+from coalora.report.runs import trained_run_dir
 
 REPS = 10000
 SEED = 0
@@ -54,15 +54,15 @@ def is_lm_run(res: dict) -> bool:
     return False
 
 
-def load(run: Path) -> tuple[str, bool, dict[int, float], dict[str, dict[int, float]]]:
+def load_predictions(run: Path) -> tuple[str, bool, dict[int, float], dict[str, dict[int, float]]]:
     """(label, is LM, example -> label column, column -> {example: value}).
 
     The label column is the gold label (classification) or the block's scored tokens (LM);
     values are predictions or the block's summed NLL."""
     path = run / "predictions.csv"
     if not path.is_file():
-        raise SystemExit(
-            f"error: {run} has no predictions.csv (run evaluate.py with eval.save_predictions=true)"
+        raise ConfigError(
+            f"{run} has no predictions.csv (run evaluate.py with eval.save_predictions=true)"
         )
     res = json.loads((run / "results.json").read_text()) if (run / "results.json").is_file() else {}
     label = f"{res.get('method', '?')} ({run.name})"
@@ -143,14 +143,14 @@ def _num(x: float, sign: bool = False) -> str:
 def check_same_blocks(run: str, ref_run: str, gold: dict, ref_gold: dict) -> None:
     """LM: both runs scored the same blocks, each with the same number of tokens."""
     if set(gold) != set(ref_gold):
-        raise SystemExit(
-            f"error: {run} scored other evaluation blocks than {ref_run} "
+        raise ConfigError(
+            f"{run} scored other evaluation blocks than {ref_run} "
             f"({len(gold)} vs {len(ref_gold)} blocks, {len(set(gold) ^ set(ref_gold))} not shared)"
         )
     differ = sorted(i for i in gold if int(gold[i]) != int(ref_gold[i]))
     if differ:
-        raise SystemExit(
-            f"error: {run} scored other evaluation blocks than {ref_run} (the token counts "
+        raise ConfigError(
+            f"{run} scored other evaluation blocks than {ref_run} (the token counts "
             f"differ in {len(differ)} blocks, first block {differ[0]}: "
             f"{int(gold[differ[0]])} vs {int(ref_gold[differ[0]])} tokens)"
         )
@@ -168,16 +168,11 @@ LM_HEADER = [
 ]
 
 
-def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "runs", nargs="+", help="evaluate.py run directories; the first is the reference"
-    )
-    ap.add_argument("--out", default=None, help="also write the markdown table here")
-    args = ap.parse_args(argv)
-    if len(args.runs) < 2:
-        raise SystemExit("error: give at least two evaluate.py run directories")
-    ref_label, lm, ref_gold, ref = load(Path(args.runs[0]))
+def paired_table(runs: Sequence[str | Path]) -> list[str]:
+    """The markdown lines comparing every run of ``runs`` with the first (the reference)."""
+    if len(runs) < 2:
+        raise ConfigError("give at least two evaluate.py run directories")
+    ref_label, lm, ref_gold, ref = load_predictions(Path(runs[0]))
     if lm:
         lines = [
             f"Reference: {ref_label}. diff = ppl(other) − ppl(reference) (lower is better); "
@@ -191,50 +186,60 @@ def main(argv: list[str] | None = None) -> str:
             "",
             *CLS_HEADER,
         ]
-    for run in args.runs[1:]:
-        label, other_lm, gold, other = load(Path(run))
+    for run in runs[1:]:
+        label, other_lm, gold, other = load_predictions(Path(run))
         if other_lm != lm:
             kinds = {True: "a language-modelling", False: "a classification"}
-            raise SystemExit(
-                f"error: {run} is {kinds[other_lm]} evaluation but {args.runs[0]} is "
+            raise ConfigError(
+                f"{run} is {kinds[other_lm]} evaluation but {runs[0]} is "
                 f"{kinds[lm]} one; compare runs of one task"
             )
         common = [c for c in ref if c in other]
         if not common:
-            raise SystemExit(f"error: {run} shares no predictions.csv column with {args.runs[0]}")
+            raise ConfigError(f"{run} shares no predictions.csv column with {runs[0]}")
         if lm:
-            check_same_blocks(run, args.runs[0], gold, ref_gold)
-            blocks = sorted(ref_gold)
-            tokens = np.array([int(ref_gold[i]) for i in blocks])
-        for c in common:
-            if lm:
-                s = lm_stats(
-                    np.array([ref[c][i] for i in blocks]),
-                    np.array([other[c][i] for i in blocks]),
-                    tokens,
-                )
-                lines.append(
-                    f"| {label} | {c} | {_num(s['ppl_ref'])} | {_num(s['ppl_other'])} "
-                    f"| {_num(s['diff'], True)} "
-                    f"| [{_num(s['ci_low'], True)}, {_num(s['ci_high'], True)}] "
-                    f"| {s['p_not_lower']:.4f} | {s['blocks']} | {s['tokens']} |"
-                )
-                continue
-            examples = sorted(set(ref[c]) & set(other[c]))
-            if len(examples) != len(ref[c]):
-                raise SystemExit(
-                    f"error: {run} was scored on other dev examples than the reference"
-                )
-            a = np.array([other[c][i] == gold[i] for i in examples])
-            r = np.array([ref[c][i] == ref_gold[i] for i in examples])
-            s = paired_stats(a, r)
-            lines.append(
-                f"| {label} | {c} | {s['acc_b']:.4f} | {s['acc_a']:.4f} | {100 * s['diff']:+.2f} "
-                f"| {s['only_b']} | {s['only_a']} | {s['p_mcnemar']:.3f} "
-                f"| [{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] |"
-            )
-    return emit_markdown(lines, args.out)
+            check_same_blocks(run, runs[0], gold, ref_gold)
+            lines += lm_lines(label, common, ref, other, ref_gold)
+        else:
+            lines += classification_lines(label, common, ref, other, ref_gold, gold, run)
+    return lines
 
 
-if __name__ == "__main__":
-    main()
+def lm_lines(label: str, columns: list[str], ref: dict, other: dict, gold: dict) -> list[str]:
+    """One table row per shared column of two LM runs on the same blocks."""
+    blocks = sorted(gold)
+    tokens = np.array([int(gold[i]) for i in blocks])
+    lines = []
+    for c in columns:
+        s = lm_stats(
+            np.array([ref[c][i] for i in blocks]),
+            np.array([other[c][i] for i in blocks]),
+            tokens,
+        )
+        lines.append(
+            f"| {label} | {c} | {_num(s['ppl_ref'])} | {_num(s['ppl_other'])} "
+            f"| {_num(s['diff'], True)} "
+            f"| [{_num(s['ci_low'], True)}, {_num(s['ci_high'], True)}] "
+            f"| {s['p_not_lower']:.4f} | {s['blocks']} | {s['tokens']} |"
+        )
+    return lines
+
+
+def classification_lines(
+    label: str, columns: list[str], ref: dict, other: dict, ref_gold: dict, gold: dict, run
+) -> list[str]:
+    """One table row per shared column of two classification runs on the same examples."""
+    lines = []
+    for c in columns:
+        examples = sorted(set(ref[c]) & set(other[c]))
+        if len(examples) != len(ref[c]):
+            raise ConfigError(f"{run} was scored on other dev examples than the reference")
+        a = np.array([other[c][i] == gold[i] for i in examples])
+        r = np.array([ref[c][i] == ref_gold[i] for i in examples])
+        s = paired_stats(a, r)
+        lines.append(
+            f"| {label} | {c} | {s['acc_b']:.4f} | {s['acc_a']:.4f} | {100 * s['diff']:+.2f} "
+            f"| {s['only_b']} | {s['only_a']} | {s['p_mcnemar']:.3f} "
+            f"| [{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] |"
+        )
+    return lines
