@@ -84,6 +84,20 @@ def validate_lm_task(task: DictConfig) -> None:
             f"task '{name}': task.train_split and task.eval_split are both {task.eval_split!r}; "
             "training on the evaluation text makes its perplexity meaningless"
         )
+    for key in ("block_length", "max_train_blocks", "eval_blocks"):
+        value = task[key]
+        if value is None and key != "block_length":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:  # "16" from an environment variable is fine, "abc" or 1.5 is not
+                ok = not isinstance(value, bool) and int(str(value)) == float(str(value))
+            except ValueError:
+                ok = False
+            if not ok:
+                allowed = "an integer >= 8" if key == "block_length" else "null or an integer >= 1"
+                raise ConfigError(
+                    f"task '{name}': task.{key}={value!r} must be an integer ({allowed})"
+                )
     if int(task.block_length) < 8:
         raise ConfigError(f"task '{name}': task.block_length={task.block_length} must be >= 8")
     for key in ("max_train_blocks", "eval_blocks"):
@@ -96,6 +110,19 @@ def validate_lm_task(task: DictConfig) -> None:
         raise ConfigError(
             f"task '{name}': a streamed dataset needs task.max_train_blocks and task.eval_blocks "
             "(the token budget decides how much of the stream is read)"
+        )
+
+
+def check_context_length(task: DictConfig, max_positions: int | None) -> None:
+    """Warn (naming both numbers) when a block is longer than the model's context window: the
+    positions past it are out of the model's range, so its perplexity means little."""
+    if max_positions is not None and int(task.block_length) > int(max_positions):
+        log.warning(
+            "task.block_length=%s is above the model's max_position_embeddings=%s: positions past "
+            "%s are outside what the model was trained on",
+            task.block_length,
+            max_positions,
+            max_positions,
         )
 
 
@@ -222,6 +249,13 @@ class LMDataModule(TaskDataModule):
                     f"task '{self.task.name}': split {split!r} has fewer than "
                     f"task.block_length={self.block_length} tokens"
                 )
+            if limit is not None and blocks.shape[0] < int(limit):
+                key = "max_train_blocks" if role == "train" else "eval_blocks"
+                log.warning(
+                    "task.%s=%s but split %r has only %d blocks of task.block_length=%d tokens; "
+                    "using %d",
+                    key, limit, split, blocks.shape[0], self.block_length, blocks.shape[0],
+                )  # fmt: skip
             if limit is not None and blocks.shape[0] > int(limit):
                 if role == "train":  # a seeded subset, kept in corpus order
                     g = torch.Generator().manual_seed(self.seed)
@@ -283,7 +317,13 @@ class LMDataModule(TaskDataModule):
         path = self.local_file(split)
         if path is not None and path.is_file():
             self.sources[split] = f"local:{path}"
-            return path.read_text(encoding="utf-8")
+            try:
+                return path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"task '{self.task.name}': {path} is not UTF-8 text (byte {exc.start}: "
+                    f"{exc.reason}); WikiText-2 raw files are UTF-8"
+                ) from None
         return "".join(self._hub_texts(split))
 
     def _hub_split(self, split: str) -> str:

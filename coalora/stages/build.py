@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from coalora.data import GlueDataModule
-from coalora.data.lm import LMDataModule
+from coalora.data.lm import LMDataModule, check_context_length
 from coalora.errors import ConfigError
 from coalora.lit import FinetuneModule
 from coalora.lit.module import SCHEDULES
@@ -204,6 +204,8 @@ def prepare(cfg: DictConfig, with_data: bool = True) -> tuple[Any, Any, Method, 
     method, quant = check_run(cfg)
     dm = build_datamodule(cfg, build_tokenizer(cfg.model)) if with_data else None
     model = build_backbone(cfg)
+    if task_kind(cfg.task) == "causal_lm":
+        check_context_length(cfg.task, getattr(model.config, "max_position_embeddings", None))
     resumed = cfg.get("ckpt_path")
     record_dir = checkpoint_run_dir(resumed) if resumed else None
     ctx = method_context(cfg, model, quant, dm, run_dir_of(cfg), record_dir=record_dir)

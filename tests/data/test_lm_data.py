@@ -207,3 +207,40 @@ def test_real_wikitext_split_sizes(tok):
     b = dm.budget()
     assert b["eval_blocks"] == 32 and b["train_blocks"] > 500  # ~200k words in wiki.valid.raw
     assert dm.sources["valid"].endswith("wiki.valid.raw")
+
+
+def test_non_integer_budgets_are_one_line():
+    for key in ("block_length", "max_train_blocks", "eval_blocks"):
+        with pytest.raises(ConfigError, match=f"task.{key}='abc' must be an integer") as e:
+            validate_lm_task(task(**{key: "abc"}))
+        assert "\n" not in str(e.value)
+
+
+def test_a_non_utf8_text_file_is_one_line(tok, data_dir):
+    (data_dir / "wikitext-2-raw" / "wiki.test.raw").write_bytes(b"caf\xe9 au lait\n" * 50)
+    dm = LMDataModule(task(block_length=16), tok, str(data_dir))
+    with pytest.raises(DataError, match=r"wiki\.test\.raw is not UTF-8 text") as e:
+        dm.setup("validate")
+    assert "\n" not in str(e.value) and "byte 3" in str(e.value)
+
+
+def test_eval_blocks_above_the_split_warn_with_both_numbers(tok, data_dir, caplog):
+    dm = LMDataModule(task(block_length=16, eval_blocks=100000), tok, str(data_dir))
+    with caplog.at_level("WARNING", logger="coalora.data.lm"):
+        dm.setup("validate")
+    n = len(dm.val_set)
+    assert 0 < n < 100000
+    assert f"task.eval_blocks=100000 but split 'test' has only {n} blocks" in caplog.text
+
+
+def test_block_length_above_the_models_context_warns_with_both_numbers(caplog):
+    from coalora.data.lm import check_context_length
+
+    with caplog.at_level("WARNING", logger="coalora.data.lm"):
+        check_context_length(task(block_length=4096), max_positions=2048)
+    assert "task.block_length=4096" in caplog.text and "max_position_embeddings=2048" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="coalora.data.lm"):
+        check_context_length(task(block_length=512), max_positions=2048)
+        check_context_length(task(block_length=512), max_positions=None)
+    assert caplog.text == ""

