@@ -24,7 +24,7 @@ table and allocations cached under --cache-dir, shared with training):
 Writes docs/results/packed_<model>.{json,md} (packed_minilm, packed_smollm2 for the two).
 
     OMP_NUM_THREADS=1 python scripts/bench_packed.py [--model smollm2_135m] [--reps 7] \\
-        [--parts bytes,switch,deploy]
+        [--parts bytes,switch,deploy] [--space bits0=[8] dtype1=[fp32] block1=[256]]
 """
 
 from __future__ import annotations
@@ -108,15 +108,21 @@ def load_model(cfg):
     return model, target_names(model, list(cfg.target_modules))
 
 
-def allocations(cfg, cache_dir: Path) -> dict[float, ModelQuantConfig]:
-    """The four budgets' MILP allocations (default space) through the shared on-disk cache.
-    For MiniLM these are the configurations of the former ``allocate`` path (same table, space
-    and solver; checked configuration by configuration)."""
+def parse_space(items: list[str]) -> QuantSpace:
+    """``--space bits0=[8] dtype1=[fp32]``: the option lists to change (the others default)."""
+    try:
+        return QuantSpace.from_cfg(OmegaConf.from_dotlist(list(items)), prefix="--space")
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def allocations(cfg, cache_dir: Path, space: QuantSpace) -> dict[float, ModelQuantConfig]:
+    """The four budgets' MILP allocations (``space``, default the 432-option grid) through the
+    shared on-disk cache. For MiniLM these are the configurations of the former ``allocate``
+    path (same table, space and solver; checked configuration by configuration)."""
     model, names = load_model(cfg)
     weights = model_weights(model, names)
-    return shared_allocations(
-        weights, list(BUDGETS), QuantSpace(), cache_dir, str(cfg.name), "exact"
-    )
+    return shared_allocations(weights, list(BUDGETS), space, cache_dir, str(cfg.name), "exact")
 
 
 def lora_model(cfg, storage: str | None, config: ModelQuantConfig | None, rank: int = 8):
@@ -356,10 +362,10 @@ def part_deploy(cfg, configs, reps: int, size: int, seq: int) -> dict:
     }
 
 
-def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
+def rss_child(variant: str, steps: int, seq: int, cache_dir: Path, space: QuantSpace) -> None:
     """One variant's training steps; prints a JSON line with its memory numbers (KiB)."""
     cfg = model_cfg("minilm_l6", cache_dir)
-    configs = allocations(cfg, cache_dir)
+    configs = allocations(cfg, cache_dir, space)
     rss_start = status_kb("VmRSS")
     storage = None if variant == "fp" else variant.split("_")[0]
     multi = variant.endswith("_multi")
@@ -387,11 +393,11 @@ def rss_child(variant: str, steps: int, seq: int, cache_dir: Path) -> None:
     print(json.dumps({**row, "weight_bytes": weights}), flush=True)
 
 
-def part_rss(steps: int, seq: int, cache_dir: Path) -> list[dict]:
+def part_rss(steps: int, seq: int, cache_dir: Path, space: list[str]) -> list[dict]:
     rows = []
     for variant in RSS_VARIANTS:
-        cmd = [__file__, "--rss-child", variant, "--steps", str(steps)]
-        row = run_json_child([*cmd, "--rss-seq", str(seq), "--cache-dir", str(cache_dir)])
+        cmd = [__file__, "--rss-child", variant, "--steps", str(steps), "--rss-seq", str(seq)]
+        row = run_json_child([*cmd, "--cache-dir", str(cache_dir), "--space", *space])
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -535,6 +541,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path(os.environ.get("COALORA_CACHE_DIR", ROOT / ".cache" / "coalora")),
     )
+    ap.add_argument(
+        "--space",
+        nargs="*",
+        default=[],
+        metavar="FIELD=[V,...]",
+        help="QuantSpace option lists to change, e.g. bits0=[8] dtype1=[fp32] block1=[256] "
+        "(default: the 432-option grid)",
+    )
     ap.add_argument("--rss-child", choices=RSS_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help="output stem (default docs/results/packed_<model>)")
     return ap.parse_args(argv)
@@ -543,8 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    space = parse_space(args.space)
     if args.rss_child:
-        rss_child(args.rss_child, args.steps, args.rss_seq, args.cache_dir)
+        rss_child(args.rss_child, args.steps, args.rss_seq, args.cache_dir, space)
         return {}
     parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
@@ -564,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
     decoder = is_decoder(cfg)
     size = args.batch or (2 if decoder else 32)
     seq = args.seq or (256 if decoder else 64)
-    configs = allocations(cfg, args.cache_dir)
+    configs = allocations(cfg, args.cache_dir, space)
     out = args.out or OUT / f"packed_{stem}"
     json_path = out.with_suffix(".json")
     results = read_part_results(json_path)  # parts not re-run keep their committed numbers
@@ -586,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "deploy" in parts:
         results["deploy"] = part_deploy(cfg, configs, args.reps, size, seq)
     if "rss" in parts:
-        results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir)
+        results["rss"] = part_rss(args.steps, args.rss_seq, args.cache_dir, args.space)
     command = repo_command(ROOT, argv if argv is None else [__file__, *argv])
     stamp_parts(results, parts, command)
     results["model"] = args.model

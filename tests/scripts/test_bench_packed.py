@@ -4,31 +4,33 @@ export serves the training-time logits, and the MiniLM-only parts refuse another
 
 from __future__ import annotations
 
+import json
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
-
-from coalora.quant import QuantSpace
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "bench_packed.py"
 
 
-@pytest.fixture(scope="module")
-def bench() -> dict:
-    return runpy.run_path(str(SCRIPT))
+def run_bench(argv: list[str], monkeypatch) -> None:
+    """``python scripts/bench_packed.py <argv>``, in this process."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
-def test_decoder_bytes_switch_and_deploy(bench, tmp_path, monkeypatch):
-    # a 12-option space (bits x block0) keeps the error table and the four MILPs to a second
-    small = lambda: QuantSpace(bits0=(8,), dtype1=("fp32",), block1=(256,))  # noqa: E731
-    monkeypatch.setitem(bench["main"].__globals__, "QuantSpace", small)
+def test_decoder_bytes_switch_and_deploy(tmp_path, monkeypatch):
     out = tmp_path / "packed"
-    res = bench["main"](
+    run_bench(
         ["--model", "tiny_llama", "--parts", "bytes,switch,deploy", "--reps", "1", "--batch", "2",
-         "--seq", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+         "--seq", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+         # a 12-option space (bits x block0) keeps the error table and the four MILPs to a second
+         "--space", "bits0=[8]", "dtype1=[fp32]", "block1=[256]"],
+        monkeypatch,
     )  # fmt: skip
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
     assert res["model"] == "tiny_llama"
     assert [r["budget"] for r in res["bytes"]] == [2.5, 3.0, 3.5, 4.0]
     for r in res["bytes"]:
@@ -55,6 +57,6 @@ def test_decoder_bytes_switch_and_deploy(bench, tmp_path, monkeypatch):
     assert out.with_suffix(".json").exists()
 
 
-def test_training_parts_refuse_another_model(bench):
+def test_training_parts_refuse_another_model(monkeypatch):
     with pytest.raises(SystemExit, match="minilm_l6 only; for tiny_llama use"):
-        bench["main"](["--model", "tiny_llama", "--parts", "bytes,rss"])
+        run_bench(["--model", "tiny_llama", "--parts", "bytes,rss"], monkeypatch)
