@@ -37,12 +37,11 @@ def step_sizes(
     lr: float | None,
     extra: list[str] = (),
 ):
-    from bench_baselines import build  # the same construction as the step-0 benchmark
-
     from coalora.adapters import LoRALinear, WHTAdapterLinear, adapter_modules
+    from coalora.stages.build import build_untrained  # as the step-0 benchmark builds
 
     overrides = [f"method={method_name}", "quant=budget", f"quant.budget={budget}", *extra]
-    dm, model, method, _ = build(overrides, cache_dir, out_dir)
+    dm, model, method, _ = build_untrained(overrides, cache_dir, out_dir)
     lr = float(lr if lr is not None else method.cfg.lr)
     dm.setup("fit")
     batch = dm.calibration_batches(1, seed=0)[0]

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
 from coalora.report.bench import write_section
+from coalora.stages.build import build_backbone, build_untrained, compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,14 +49,6 @@ METHODS = {
     "lq_lora (plain alloc.)": ["method=lq_lora", "method.lq.allocation=quantization"],
     "qwha": ["method=qwha"],
 }
-
-
-def make_cfg(overrides: list[str], cache_dir: Path, out_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.cache_dir={cache_dir}", "logger=none",
-                                          "callbacks=none", *overrides])  # fmt: skip
-    cfg.paths.output_dir = str(out_dir)
-    return cfg
 
 
 @torch.no_grad()
@@ -92,18 +84,6 @@ def dev_pass(model, loader, ref: list[dict] | None = None) -> tuple[dict, list[d
     return m, outs
 
 
-def build(overrides, cache_dir, out_dir, state: dict | None = None):
-    from coalora.stages.build import prepare
-
-    cfg = make_cfg(overrides, cache_dir, out_dir)
-    dm, model, method, ctx = prepare(cfg)
-    if state is not None:  # start from a fine-tuned model's merged weights and trained head
-        model.load_state_dict(state)
-    t0 = time.perf_counter()
-    method.setup(model, ctx)
-    return dm, model, method, time.perf_counter() - t0
-
-
 def build_tables(budgets, cache_dir, out_dir, full_layers: int) -> dict[str, float]:
     """Plain and LQ tables into ``cache_dir`` (timed), plus an unpruned LQ-table estimate."""
     from coalora.methods.lq_lora import LQSettings
@@ -111,7 +91,7 @@ def build_tables(budgets, cache_dir, out_dir, full_layers: int) -> dict[str, flo
     from coalora.models import build_model, target_names
     from coalora.quant import cached_error_table, model_weights, quant_space
 
-    cfg = make_cfg(["method=lq_lora", "quant=budget"], cache_dir, out_dir)
+    cfg = compose_train(["method=lq_lora", "quant=budget"], cache_dir, out_dir)
     model = build_model(cfg.model, num_labels=cfg.task.num_labels, seed=cfg.seed)
     names = target_names(model, list(cfg.model.target_modules))
     weights = model_weights(model, names)
@@ -161,7 +141,6 @@ def main() -> None:
     state = None
     if args.from_ckpt is not None:
         from coalora.deploy.merged import merged_model
-        from coalora.stages.build import build_backbone
         from coalora.stages.restore import restore
 
         run_cfg, lit = restore(args.from_ckpt, cache_dir=cache_dir)
@@ -176,7 +155,9 @@ def main() -> None:
     else:
         tables = build_tables(args.budgets, cache_dir, tmp / "run", args.full_table_layers)
 
-    dm, fp_model, _, _ = build(["method=lora", "quant=none"], cache_dir, tmp / "run", state)
+    dm, fp_model, _, _ = build_untrained(
+        ["method=lora", "quant=none"], cache_dir, tmp / "run", state
+    )
     loader = dm.val_dataloader()
     fp_metrics, ref = dev_pass(fp_model, loader)
     del fp_model
@@ -185,7 +166,7 @@ def main() -> None:
     for budget in args.budgets:
         for label in args.methods:
             ov = [*METHODS[label], "quant=budget", f"quant.budget={budget}"]
-            _, model, method, setup_s = build(ov, cache_dir, tmp / "run", state)
+            _, model, method, setup_s = build_untrained(ov, cache_dir, tmp / "run", state)
             m, _ = dev_pass(model, loader, ref)
             d = method.describe()
             row = {"budget": budget, "method": label, "bits": d.get("avg_bits", float("nan")),

@@ -9,6 +9,8 @@ writes to the run directory.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from coalora.errors import ConfigError
 from coalora.lit import FinetuneModule
 from coalora.lit.module import SCHEDULES
 from coalora.lit.search_refresh import SearchRefreshCallback
-from coalora.methods import Method, MethodContext, build_method
+from coalora.methods import CONF, Method, MethodContext, build_method
 from coalora.models import (
     build_causal_lm,
     build_model,
@@ -210,6 +212,35 @@ def prepare(cfg: DictConfig, with_data: bool = True) -> tuple[Any, Any, Method, 
     record_dir = checkpoint_run_dir(resumed) if resumed else None
     ctx = method_context(cfg, model, quant, dm, run_dir_of(cfg), record_dir=record_dir)
     return dm, model, method, ctx
+
+
+def compose_train(overrides: Sequence[str], cache_dir: Path, out_dir: Path) -> DictConfig:
+    """``train.py``'s config (conf/train.yaml + ``overrides``, Hydra's compose API) for a script
+    that builds a run without training it: caches in ``cache_dir``, no logger or callbacks,
+    outputs in ``out_dir``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.cache_dir={cache_dir}", "logger=none",
+                                          "callbacks=none", *overrides])  # fmt: skip
+    cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def build_untrained(
+    overrides: Sequence[str], cache_dir: Path, out_dir: Path, state: dict | None = None
+) -> tuple[Any, Any, Method, float]:
+    """(datamodule, model, method, setup seconds) of the run ``overrides`` describe
+    (:func:`compose_train`), its method set up (timed) and not trained. ``state`` (a backbone
+    state dict, e.g. a fine-tuned model's merged weights and head) replaces the built weights
+    before the setup."""
+    cfg = compose_train(overrides, cache_dir, out_dir)
+    dm, model, method, ctx = prepare(cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    t0 = time.perf_counter()
+    method.setup(model, ctx)
+    return dm, model, method, time.perf_counter() - t0
 
 
 def checkpoint_run_dir(ckpt: str | Path) -> Path:

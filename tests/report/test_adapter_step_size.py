@@ -13,7 +13,6 @@ def test_step_sizes_on_tiny_bert(tmp_path, monkeypatch):
     argv += ["data.allow_hub=false", "data.batch_size=8", "quant.space.bits=[2,3,4]"]
     argv += ["quant.space.bits0=[8]", "quant.space.dtype1=[fp32]", "quant.space.block1=[256]"]
     monkeypatch.setattr(sys, "argv", argv)
-    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # what `python scripts/<name>.py` puts first
     runpy.run_path(str(SCRIPT), run_name="__main__")
     rows = {}
     for line in out.read_text().splitlines():
