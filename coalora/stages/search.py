@@ -28,6 +28,7 @@ from coalora.models import build_tokenizer
 from coalora.quant import QuantSpace
 from coalora.search.objectives import CalibrationObjective, calibration_batches, require_switching
 from coalora.search.pool import label_pool
+from coalora.search.session import run_session
 from coalora.search.settings import SearchSettings
 from coalora.stages.build import build_datamodule, prepare, run_dir_of
 from coalora.stages.common import finish_wandb, set_env_defaults, write_run_info
@@ -178,7 +179,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     space, settings = check_config(cfg)  # before the heavy imports: bad input fails in seconds
     # matplotlib (here) and botorch / gpytorch (run_session) load after validation
     from coalora.search.report import SearchWandb
-    from coalora.search.session import run_session
 
     set_env_defaults()
     run_dir = run_dir_of(cfg)
