@@ -238,6 +238,8 @@ class LMDataModule(TaskDataModule):
     # ----------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         roles = ("eval",) if stage in EVAL_STAGES else ("train", "eval")
+        if all(role in self.blocks for role in roles):
+            return  # set up already (Lightning calls setup once per stage)
         for role in roles:
             if role in self.blocks:
                 continue

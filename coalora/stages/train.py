@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     set_env_defaults()
     torch.set_float32_matmul_precision("high")
+    log.info("run directory: %s", cfg.paths.output_dir)
     dm, model, method, ctx = prepare(cfg)  # bad input fails here, before any file of ours
     with run_dir_lock(ctx.run_dir, "train"):
         return _train(cfg, dm, model, method, ctx)
@@ -85,7 +86,7 @@ def _train(cfg: DictConfig, dm, model, method, ctx) -> dict[str, Any]:
             atomic_write_json(run_dir / "results.json", results)
             plot_run_curves(run_dir)
             log_run_to_loggers(trainer, cfg, results, run_dir)
-            print_summary(results)
+            print_summary(results, run_dir)
     finally:
         finish_wandb()
     return results
@@ -128,11 +129,13 @@ def stop_on_sigterm(trainer, run_dir) -> str:
     )
 
 
-def print_summary(results: dict[str, Any]) -> None:
+def print_summary(results: dict[str, Any], run_dir: Path) -> None:
+    """The final metrics and where the run's files are (the training time is on the progress
+    callback's ``training done`` line)."""
     m = results["metrics"]
     lines = [
-        f"{results['method']} on {results['model']}/{results['task']}: "
-        f"{results['global_step']} steps in {results['fit_seconds']:.0f}s"
+        f"{results['method']} on {results['model']}/{results['task']} after "
+        f"{results['global_step']} steps; run directory: {run_dir}"
     ]
     if "avg_bits" in results:
         lines.append(f"  trained configuration: {results['avg_bits']:.3f} average bits")
