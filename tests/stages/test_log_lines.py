@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 
 from omegaconf import OmegaConf
+from support import FIXTURES, REPO_ROOT
 
 from coalora.data.lm import LMDataModule
 from coalora.models import build_tokenizer
-from support import FIXTURES, REPO_ROOT
 from tests.reliability.chaos import compose_run
 
 
