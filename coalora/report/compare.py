@@ -97,8 +97,15 @@ def table_columns(frame: pd.DataFrame, metric: str, aggregated: bool) -> list[st
     return cols
 
 
-def markdown_table(frame: pd.DataFrame, cols: list[str]) -> str:
+def rank_header(metric: str) -> str:
+    """The markdown header of the ``rank`` column: what is ranked, among what, which way."""
+    return f"rank by {metric} at the budget (1 = best)"
+
+
+def markdown_table(frame: pd.DataFrame, cols: list[str], metric: str | None = None) -> str:
     shown = frame[cols].astype(object)
+    if metric is not None and "rank" in cols:
+        shown = shown.rename(columns={"rank": rank_header(metric)})
     return (
         shown.where(shown.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
         + "\n"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from coalora.data.metrics import METRIC_HIGHER_IS_BETTER
 from coalora.errors import ConfigError
@@ -113,6 +114,27 @@ def _trained_run(res: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def trained_budget(run: Path, res: dict[str, Any]) -> float | None:
+    """The bit budget a single-configuration run was trained at (``quant.budget`` of a
+    ``quant.mode=budget`` run, from its results or its resolved ``config.yaml``); None for a
+    fixed configuration (``quant=nf4``...) or when the run folder has no config."""
+    if res.get("budget") is not None:
+        return float(res["budget"])
+    path = run / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        quant = yaml.safe_load(path.read_text()).get("quant") or {}
+    except (yaml.YAMLError, AttributeError):
+        return None
+    if quant.get("mode") != "budget" or quant.get("budget") is None:
+        return None
+    try:
+        return float(quant["budget"])
+    except (TypeError, ValueError):
+        return None
+
+
 def rows_of(run: Path) -> list[dict[str, Any]]:
     """One row per scored configuration of ``run`` (see the module docstring)."""
     path = Path(run) / "results.json"
@@ -157,7 +179,8 @@ def rows_of(run: Path) -> list[dict[str, Any]]:
                 continue
             row = {**base, "kind": "allocation", "budget": budget, "avg_bits": budgets[budget]}
         elif "avg_bits" in res:
-            row = {**base, "kind": "allocation", "budget": None, "avg_bits": res["avg_bits"]}
+            budget = trained_budget(Path(run), res)
+            row = {**base, "kind": "allocation", "budget": budget, "avg_bits": res["avg_bits"]}
         else:
             row = {**base, "kind": "full precision", "budget": None, "avg_bits": 32.0}
         row[metric] = float(value)

@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
 
     times = C.fit_time_table(frame)
     md = [
-        C.markdown_table(table, cols),
+        C.markdown_table(table, cols, metric),
         C.best_lines(table, metric),
         C.hypervolume_lines(table, metric),
         *time_lines(times, n_max),

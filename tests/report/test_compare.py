@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import os
@@ -355,3 +356,27 @@ def test_metric_directions_agree_with_the_task_configs():
     }  # fmt: skip
     with pytest.raises(ConfigError, match="direction is unknown"):
         metric_higher_is_better("bleu")
+
+
+def test_a_budget_sweep_fills_the_budget_column_and_the_rank_header_says_what_it_ranks(
+    tmp_path, monkeypatch
+):
+    runs = []
+    for budget, acc in ((2.5, 0.80), (3.0, 0.83)):
+        run = write(tmp_path / f"ql{budget}", {"method": "qlora", "avg_bits": budget + 0.004,
+                                                "seed": 0, "metrics": {"val/acc": acc}})  # fmt: skip
+        (run / "config.yaml").write_text(f"quant:\n  mode: budget\n  budget: {budget}\n")
+        runs.append(run)
+    fixed = write(tmp_path / "nf4", {"method": "qlora", "avg_bits": 4.127, "seed": 0,
+                                      "metrics": {"val/acc": 0.84}})  # fmt: skip
+    (fixed / "config.yaml").write_text("quant:\n  mode: nf4\n  budget: null\n")
+    frame = R.load_frame([*runs, fixed])
+    assert sorted(frame["budget"].dropna().tolist()) == [2.5, 3.0]
+    assert frame.set_index("run").loc[str(fixed), "budget"] is None or pd.isna(
+        frame.set_index("run").loc[str(fixed), "budget"]
+    )
+    out = compare(tmp_path, monkeypatch, runs_arg([*runs, fixed]))
+    header = (out / "comparison.md").read_text().splitlines()[0]
+    assert "rank by acc at the budget (1 = best)" in header
+    csv_rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert {r["budget"] for r in csv_rows} >= {"2.5", "3.0"}
