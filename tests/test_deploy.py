@@ -153,13 +153,36 @@ def test_tampered_and_truncated_files_are_detected(trained, tmp_path):
 
 
 def test_entry_shape_mismatch_is_detected(trained, tmp_path):
+    import hashlib
+
+    import safetensors.torch
+
+    from coalora.deploy.schema import sign_manifest
+
     bad = _copy(trained["path"], tmp_path / "shape")
     m = json.loads((bad / "manifest.json").read_text())
     key = next(iter(m["entries"]))
     m["entries"][key]["shape"] = [4 * x for x in m["entries"][key]["shape"]]
-    (bad / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CoaloraError, match=r"entry .* has shape \(\d+,\), expected"):
+    (bad / "manifest.json").write_text(json.dumps(sign_manifest(m)))
+    with pytest.raises(CoaloraError, match=r"entries\['.*'\]\.shape=\[.*\] but targets"):
         deploy.load(bad, budget="2.5")
+    # a packed tensor whose bytes do not fit its (correct) shape: PackedTensor.validate
+    short = _copy(trained["path"], tmp_path / "codes")
+    f = short / "packed.safetensors"
+    tensors = safetensors.torch.load_file(str(f))
+    tensors[f"{key}::codes"] = tensors[f"{key}::codes"][:-1].clone()
+    safetensors.torch.save_file(tensors, str(f), metadata={"format": deploy.FORMAT})
+    m = json.loads((short / "manifest.json").read_text())
+    data = f.read_bytes()
+    m["files"]["packed.safetensors"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    (short / "manifest.json").write_text(json.dumps(sign_manifest(m)))
+    name, option = key.split("::")
+    label = "2.5" if trained["configs"][0][name].key == option else "3.0"  # a config using it
+    with pytest.raises(CoaloraError, match=r"entry .* codes has shape \(\d+,\), expected"):
+        deploy.load(short, budget=label)
     with pytest.raises(CoaloraError, match="not a coalora packed export"):
         deploy.load(tmp_path)
 

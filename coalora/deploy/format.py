@@ -12,31 +12,44 @@ A packed export is one directory:
 * ``configs/<label>.json``: each configuration (``ModelQuantConfig``); ``adapters/<label>
   .safetensors``: its adapter (LoRA A and B, for CoA-LoRA the B folded for that configuration,
   arXiv 2509.25214 §3), plus optional per-configuration overrides of base weights;
+* the tokenizer's files (``tokenizer.json``, ``tokenizer_config.json``, ...) when the writer was
+  given one, so ``transformers.AutoTokenizer.from_pretrained(<export>)`` gives the run's;
 * ``config.json`` (the Hugging Face config), ``README.md`` (model card) and ``manifest.json``
-  (format and version, architecture, targets, entries, tied weights, configurations and the
-  sha256 and size of every file), written last.
+  (format and version, architecture, targets, entries, tied weights, configurations, the sha256
+  and size of every file, and ``manifest_sha256``, its own digest: ``coalora.deploy.schema``),
+  written last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from coalora.deploy.schema import (
+    LABEL,
+    check_digest,
+    check_manifest,
+    check_paths,
+    member,
+    sign_manifest,
+)
 from coalora.errors import CoaloraError
 from coalora.quant.config import QuantConfig
 
 FORMAT = "coalora-packed"
-VERSION = 1
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a label is a file name stem
+VERSION = 2  # 2: manifest_sha256, path rules, the tokenizer's files
+VERSIONS = (1, 2)  # read; version 1 has no digest, so only with verify=False
 MANIFEST = "manifest.json"
 PACKED = "packed.safetensors"
 BASE = "base.safetensors"
+HF_CONFIG = "config.json"
+REQUIRED_FILES = (PACKED, BASE, HF_CONFIG)  # what load opens besides a configuration's files
 
 
 def entry_key(name: str, qc: QuantConfig) -> str:
@@ -110,35 +123,47 @@ def make_manifest(
 ) -> dict:
     """The manifest: ``targets`` name → [d_out, d_in]; ``entries`` key → {shape, option};
     ``tied`` key → the key it shares storage with; ``configurations`` label → {config,
-    average_bits[, adapter, scaling]}; ``files`` as ``file_table``."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "architecture": architecture,
-        "model_type": model_type,
-        "targets": targets,
-        "entries": entries,
-        "tied": tied,
-        "configurations": configurations,
-        "files": files,
-    }
+    average_bits[, adapter, scaling]}; ``files`` as ``file_table``; signed with its digest."""
+    return sign_manifest(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "architecture": architecture,
+            "model_type": model_type,
+            "targets": targets,
+            "entries": entries,
+            "tied": tied,
+            "configurations": configurations,
+            "files": files,
+        }
+    )
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> dict:
-    """The export's manifest; with ``verify`` every file's size and sha256 are checked."""
+    """The export's manifest after its schema, value and path rules (``coalora.deploy.schema``);
+    with ``verify`` also its own digest and every listed file's size and sha256."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CoaloraError(f"{path}: not a coalora packed export (no {MANIFEST})")
+    member(path, MANIFEST, MANIFEST, mpath, None)  # a symlink out of the export is refused
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CoaloraError(f"{mpath}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CoaloraError(f"{mpath}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict):
+        raise CoaloraError(f"{mpath}: must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT or manifest.get("version") not in VERSIONS:
         raise CoaloraError(
             f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"expected {FORMAT!r} version {VERSION}"
+            f"expected {FORMAT!r} version {' or '.join(map(str, VERSIONS))}"
         )
+    if verify:
+        check_digest(manifest, mpath)
+    check_manifest(manifest, mpath, REQUIRED_FILES)
+    check_paths(manifest, path, mpath)
     if verify:
         for rel, info in manifest["files"].items():
             f = path / rel
@@ -159,33 +184,47 @@ def labels(path: str | Path) -> list[str]:
     return list(read_manifest(path, verify=False)["configurations"])
 
 
+def _budget_value(value: Any) -> float | None:
+    """A budget or label as a number (``3``, ``3.0``, ``"3.00"``), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def pick_label(manifest: dict, budget: Any, path: Path) -> str:
-    """The label ``budget`` names: a label, or a number equal to one (``3.0`` for ``"3"``); None
-    when the export serves one configuration."""
+    """The label ``budget`` names: the label itself, or any spelling of the same number (``3``,
+    ``3.0``, ``"3"``, ``"3.00"`` all name label ``"3"`` or ``"3.0"``); with ``budget=None`` the
+    one configuration of an export that serves one."""
     available = list(manifest["configurations"])
     if budget is None:
         if len(available) == 1:
             return available[0]
         raise CoaloraError(f"{path}: serves {available}; pass budget=<one of them>")
-    if str(budget) in available:
-        return str(budget)
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        for label in available:
-            try:
-                if float(label) == float(budget):
-                    return label
-            except ValueError:
-                continue
+    if isinstance(budget, str) and budget in available:
+        return budget
+    value = _budget_value(budget)
+    same = [label for label in available if value is not None and _budget_value(label) == value]
+    if len(same) == 1:
+        return same[0]
+    if same:
+        raise CoaloraError(f"{path}: budget={budget!r} names several labels {same}; pass one")
     raise CoaloraError(f"{path}: budget={budget!r} is not in this export; available: {available}")
 
 
 __all__ = [
     "BASE",
     "FORMAT",
+    "HF_CONFIG",
     "LABEL",
     "MANIFEST",
     "PACKED",
+    "REQUIRED_FILES",
     "VERSION",
+    "VERSIONS",
     "adapter_file",
     "check_labels",
     "clean_state_dict",

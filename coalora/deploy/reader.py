@@ -14,6 +14,7 @@ botorch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from coalora.adapters.lora import LoRALinear
 from coalora.deploy.format import (
     BASE,
+    HF_CONFIG,
+    MANIFEST,
     PACKED,
     clean_state_dict,
     entry_key,
@@ -43,19 +46,42 @@ from coalora.quant.packing import PackedTensor, dequantize_packed, pack_quantize
 BACKENDS = ("packed", "bnb")
 
 
+def model_class(name: str, mpath: Path) -> type:
+    """The ``transformers`` class ``name`` names; only subclasses of ``PreTrainedModel`` are
+    allowed (the manifest's ``architecture`` is called with the export's config)."""
+    import transformers
+
+    cls = getattr(transformers, name, None) if re.fullmatch(r"[A-Z][A-Za-z0-9_]*", name) else None
+    if (
+        not isinstance(cls, type)
+        or not issubclass(cls, transformers.PreTrainedModel)
+        or cls is transformers.PreTrainedModel
+    ):
+        raise CoaloraError(
+            f"{mpath}: architecture={name!r} is not allowed: it must name a model class of "
+            f"transformers {transformers.__version__} (a subclass of PreTrainedModel, e.g. "
+            "'BertForSequenceClassification')"
+        )
+    return cls
+
+
 def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Module:
     """The model to fill: ``base_model``, or the export's architecture built from its config;
     either must have the export's targets with their shapes."""
     if base_model is None:
         import transformers
 
-        cls = getattr(transformers, manifest["architecture"], None)
-        if cls is None:
+        cls = model_class(manifest["architecture"], path / MANIFEST)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CoaloraError(f"{path / HF_CONFIG}: not a transformers config ({first})") from None
+        if cls.config_class is not None and not isinstance(config, cls.config_class):
             raise CoaloraError(
-                f"{path}: architecture {manifest['architecture']!r} is unknown to transformers "
-                f"{transformers.__version__}"
+                f"{path / HF_CONFIG}: model_type {config.model_type!r} does not fit architecture "
+                f"{manifest['architecture']!r} (it takes {cls.config_class.__name__})"
             )
-        config = transformers.AutoConfig.from_pretrained(str(path))
         with torch.no_grad():
             base_model = cls(config)
     hf = getattr(base_model, "config", None)
@@ -79,9 +105,35 @@ def _skeleton(manifest: dict, path: Path, base_model: nn.Module | None) -> nn.Mo
     return base_model
 
 
+def _tensors(path: Path, rel: str) -> dict[str, Tensor]:
+    """A safetensors file of the export (one line naming it when it cannot be read)."""
+    try:
+        return load_file(str(path / rel))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CoaloraError(f"{path / rel}: not a readable safetensors file ({e})") from None
+
+
+def _configuration(path: Path, rel: str, targets: dict[str, list[int]]) -> ModelQuantConfig:
+    """A configuration file, which must cover exactly the targets with their sizes."""
+    source = path / rel
+    try:
+        config = ModelQuantConfig.from_dict(json.loads(source.read_text()), source=str(source))
+        config.validate_names(list(targets))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        text = str(e) if str(source) in str(e) else f"{source}: {e}"
+        raise CoaloraError(text.splitlines()[0]) from None
+    for name, (d_out, d_in) in targets.items():
+        if config.numels[name] != d_out * d_in:
+            raise CoaloraError(
+                f"{source}: layers[{name!r}].numel={config.numels[name]}, the target has "
+                f"{d_out} x {d_in} = {d_out * d_in}"
+            )
+    return config
+
+
 def _load_base(model: nn.Module, path: Path, manifest: dict, adapter: dict[str, Tensor]) -> None:
     """Fill the non-target weights from ``base.safetensors`` (+ the adapter's overrides)."""
-    base = load_file(str(path / BASE))
+    base = _tensors(path, BASE)
     expected = clean_state_dict(model, list(manifest["targets"]))
     missing = sorted(set(expected) - set(base) - set(manifest["tied"]))
     shape_bad = [k for k, v in base.items() if k in expected and expected[k].shape != v.shape]
@@ -132,11 +184,9 @@ def load(
     manifest = read_manifest(path, verify=verify)
     label = pick_label(manifest, budget, path)
     info = manifest["configurations"][label]
-    config = ModelQuantConfig.from_dict(
-        json.loads((path / info["config"]).read_text()), source=str(path / info["config"])
-    )
+    config = _configuration(path, info["config"], manifest["targets"])
     model = _skeleton(manifest, path, base_model)
-    adapter = load_file(str(path / info["adapter"])) if "adapter" in info else {}
+    adapter = _tensors(path, info["adapter"]) if "adapter" in info else {}
     _load_base(model, path, manifest, adapter)
 
     merge_error: dict[str, float] = {}
@@ -156,6 +206,8 @@ def load(
             p.validate(f"{PACKED}: entry {key}")
             linear = model.get_submodule(name)
             A, B = adapter.get(f"{name}.lora_A"), adapter.get(f"{name}.lora_B")
+            if (A is None) != (B is None):
+                raise CoaloraError(f"{path / info['adapter']}: {name} has only one of lora_A/B")
             if merge and A is not None:
                 p, merge_error[name] = _merge(p, A, B, s)
                 A = B = None
@@ -163,9 +215,12 @@ def load(
                 layer = bnb_linear4bit(p, linear.bias, linear.weight.dtype)
             else:
                 layer = QuantLinear.from_packed(name, {qc: p}, linear.bias, cache)
-            replace_module(
-                model, name, layer if A is None else LoRALinear.from_weights(layer, A, B, s)
-            )
+            if A is not None:
+                try:
+                    layer = LoRALinear.from_weights(layer, A, B, s)
+                except (ValueError, AttributeError, TypeError) as e:  # B missing, wrong shapes
+                    raise CoaloraError(f"{path / info['adapter']}: {name}: {e}") from None
+            replace_module(model, name, layer)
     model.coalora_export = {
         "path": str(path),
         "label": label,
@@ -178,4 +233,4 @@ def load(
     return model.eval()
 
 
-__all__ = ["BACKENDS", "load"]
+__all__ = ["BACKENDS", "load", "model_class"]
