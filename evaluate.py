@@ -1,17 +1,9 @@
-"""Evaluate a trained run at any budget (zero-cost adaptation): see conf/evaluate.yaml."""
+"""Evaluate a trained run at any budget (zero-cost adaptation): see conf/evaluate.yaml.
 
-import hydra
-from omegaconf import DictConfig
+The app is ``coalora.cli.evaluate`` (also installed as ``coalora-evaluate``, usable from any directory).
+"""
 
-from coalora.stages.entry import guarded
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    from coalora.stages.evaluate import run
-
-    guarded(run, cfg)
-
+from coalora.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

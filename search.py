@@ -1,17 +1,9 @@
-"""Pareto search over quantization configurations -> configset.json: see conf/search.yaml."""
+"""Pareto search over quantization configurations -> configset.json: see conf/search.yaml.
 
-import hydra
-from omegaconf import DictConfig
+The app is ``coalora.cli.search`` (also installed as ``coalora-search``, usable from any directory).
+"""
 
-from coalora.stages.entry import guarded
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="search")
-def main(cfg: DictConfig) -> None:
-    from coalora.stages.search import run
-
-    guarded(run, cfg)
-
+from coalora.cli.search import main
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,22 @@
+"""Compare runs across methods (tables and plots): see conf/compare.yaml."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from coalora.cli import stage_app
+from coalora.stages.entry import guarded
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+@stage_app("compare")
+def main(cfg: DictConfig) -> None:
+    from coalora.stages.compare import run
+
+    guarded(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Evaluate a trained run at any budget (zero-cost adaptation): see conf/evaluate.yaml."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from coalora.cli import stage_app
+from coalora.stages.entry import guarded
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+@stage_app("evaluate")
+def main(cfg: DictConfig) -> None:
+    from coalora.stages.evaluate import run
+
+    guarded(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Export a trained run (PEFT adapter, merged checkpoint or packed): see conf/export.yaml."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from coalora.cli import stage_app
+from coalora.stages.entry import guarded
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+@stage_app("export")
+def main(cfg: DictConfig) -> None:
+    from coalora.stages.export import run
+
+    guarded(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
