@@ -52,3 +52,13 @@ def compose():
             )
 
     return _compose
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu``-marked tests skip (with the reason) where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine: scripts/gpu_check.sh)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

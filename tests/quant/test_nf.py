@@ -147,7 +147,7 @@ def test_dtype_preserved_and_non_finite_rejected():
         fake_quantize(W, QuantConfig(4, 8, "fp32", 16, 16))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():  # pragma: no cover - CPU machines
     W = torch.randn(64, 256)
     assert torch.equal(fake_quantize(W.cuda(), NF4).cpu(), fake_quantize(W, NF4))
