@@ -69,3 +69,17 @@ def test_readme_documents_the_loader_only_install_and_license_is_apache():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_changelog_heads_with_the_package_version():
+    import coalora
+
+    first = next(x for x in (ROOT / "CHANGELOG.md").read_text().splitlines() if x.startswith("## "))
+    assert first.startswith(f"## [{PROJECT['version']}]")
+    assert coalora.__version__ == PROJECT["version"]
+
+
+def test_docs_index_lists_every_page():
+    index = (ROOT / "docs" / "README.md").read_text()
+    pages = sorted(p.name for p in (ROOT / "docs").glob("*.md") if p.name != "README.md")
+    assert pages and not [p for p in pages if f"]({p})" not in index]
