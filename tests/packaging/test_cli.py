@@ -35,7 +35,7 @@ def test_coalora_train_from_another_directory_composes_what_train_py_does(tmp_pa
     assert "name: qlora" in ours.stdout
 
 
-@pytest.mark.parametrize("stage", ["evaluate", "search"])
+@pytest.mark.parametrize("stage", STAGES[1:])
 def test_every_stage_is_a_hydra_app_named_after_itself(stage, tmp_path):
     out = run(["-m", "coalora.cli", stage, "--cfg", "hydra", "--package", "hydra.job"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
