@@ -17,18 +17,7 @@ needs one fit per configuration, CoA-LoRA one for all; arXiv 2509.25214, Figure 
 ``coalora.stages.compare``.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from coalora.stages.entry import guarded
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
-def main(cfg: DictConfig) -> None:
-    from coalora.stages.compare import run
-
-    guarded(run, cfg)
-
+from coalora.cli.compare import main  # also installed as `coalora-compare`
 
 if __name__ == "__main__":
     main()
