@@ -3,17 +3,22 @@
 A file is written to a temporary sibling and renamed over the target, so readers see the old
 content or the new one, never a half-written file. The temporary file gets the permissions a plain
 ``open(path, "w")`` would get (``0666 & ~umask``; ``0777 & ~umask`` for directories) rather than
-``mkstemp``'s private 0600, so results, checkpoints and caches stay readable by a team. A failed
-write (full disk, read-only folder, no permission) becomes one :class:`StorageError` line naming the
-path and the cause.
+``mkstemp``'s private 0600, so results, checkpoints and caches stay readable by a team; that
+holds for what a writer creates itself (safetensors writes 0600 files) and for every file and
+folder of a replaced directory. A failed write (full disk, read-only folder, no permission)
+becomes one :class:`StorageError` line naming the path and the cause.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +34,8 @@ _STORAGE_ERRNOS = {
     errno.EACCES: "permission denied (EACCES)",
     errno.EPERM: "operation not permitted (EPERM)",
 }
+# a Rust writer's io::Error text ("... (os error 28)"): safetensors reports ENOSPC this way
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def current_umask() -> int:
@@ -63,8 +70,12 @@ def storage_error(path: Path, exc: BaseException) -> StorageError | None:
     if isinstance(exc, StorageError):
         return exc
     cause = None
-    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
-        cause = _STORAGE_ERRNOS[exc.errno]
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    rust = None if isinstance(exc, OSError) else _RUST_OS_ERROR.search(str(exc))
+    if rust is not None:
+        code = int(rust.group(1))
+    if code in _STORAGE_ERRNOS:
+        cause = _STORAGE_ERRNOS[code]
     elif not isinstance(exc, CoaloraError | KeyboardInterrupt | SystemExit) and _no_space_left(
         path.parent if path.parent.exists() else Path(".")
     ):
@@ -72,7 +83,7 @@ def storage_error(path: Path, exc: BaseException) -> StorageError | None:
     if cause is None:
         return None
     err = StorageError(f"cannot write {path}: {cause}")
-    err.errno = getattr(exc, "errno", None) or errno.ENOSPC
+    err.errno = code or errno.ENOSPC
     return err
 
 
@@ -99,6 +110,7 @@ def atomic_write(path: str | Path, writer: Callable[[str], None]) -> Path:
         os.fchmod(fd, 0o666 & ~current_umask())
         os.close(fd)
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # a writer may replace the file (safetensors: 0600)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -141,6 +153,72 @@ def make_temp_dir(target: Path) -> Path:
     return tmp
 
 
+def follow_umask(root: Path) -> None:
+    """Give every folder under ``root`` (itself included) mode ``0777 & ~umask`` and every file
+    ``0666 & ~umask`` (``0777 & ~umask`` when it was executable), whatever its writer chose."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):  # a link's mode is its target's: leave both alone
+                continue
+            full = stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR
+            os.chmod(path, (0o777 if full else 0o666) & ~mask)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False when the
+    system or file system cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put ``tmp`` in place of the existing ``target`` and delete the old one. With an atomic
+    exchange no moment is without ``target``; otherwise ``target`` is renamed aside and ``tmp``
+    renamed in, and a failure in between puts the old one back, or names where it is kept."""
+    if exchange_dirs(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, old)  # rename over the empty placeholder directory
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.replace(old, target)
+        except OSError:
+            cause = storage_error(target, e)
+            why = getattr(e, "strerror", None) or type(e).__name__
+            text = str(cause) if cause is not None else f"cannot write {target}: {why}"
+            kept = StorageError(f"{text}; the previous export is kept at {old} (rename it back)")
+            kept.errno = getattr(e, "errno", None)
+            raise kept from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def replace_dir_atomically(
     target: str | Path,
     build: Callable[[Path], None],
@@ -151,11 +229,15 @@ def replace_dir_atomically(
 ) -> Path:
     """Build a directory with ``build(tmp)`` in a new sibling, then swap it in for ``target``.
 
-    Order: build into the sibling; rename an existing ``target`` aside; rename the new one in;
-    delete the old one. A failure before the swap leaves ``target`` untouched; a failure between
-    the two renames puts the old directory back. An existing ``target`` is replaced only when it
-    is empty, when ``is_ours(target)`` says this project wrote it, or when ``overwrite`` is true;
-    otherwise, and when ``target`` is a file, :class:`CoaloraError` names the path and ``key``.
+    Order: build into the sibling; give everything in it the umask's modes (``follow_umask``);
+    swap it with an existing ``target`` in one step where the system can (``exchange_dirs``),
+    else rename ``target`` aside and the new one in; delete the old one. A failure (or a kill)
+    before the swap leaves ``target`` untouched, an atomic exchange leaves no moment without
+    ``target``, and a failure between two renames puts the old directory back (when even that
+    fails, the :class:`StorageError` names where it is kept). An existing ``target`` is replaced
+    only when it is empty, when ``is_ours(target)`` says this project wrote it, or when
+    ``overwrite`` is true; otherwise, and when ``target`` is a file, :class:`CoaloraError` names
+    the path and ``key``.
     """
     target = Path(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -171,36 +253,24 @@ def replace_dir_atomically(
     tmp = make_temp_dir(target)
     try:
         build(tmp)
+        follow_umask(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         err = storage_error(target, e)
         if err is not None:
             raise err from None
         raise
-    old = None
     try:
         if target.exists():
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
-            )
-            os.replace(target, old)  # rename over the empty placeholder directory
-        try:
+            _swap_in(tmp, target)
+        else:
             os.replace(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-                old = None
-            raise
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
         err = storage_error(target, e)
         if err is not None:
             raise err from None
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
