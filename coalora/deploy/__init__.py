@@ -11,12 +11,14 @@
 botorch::
 
     from coalora import deploy
-    deploy.save_packed(model, names, {"3.0": config}, adapters, out_dir, scaling=scaling)
+    deploy.save_packed(model, names, {"3.0": config}, adapters, out_dir, scaling=scaling,
+                       tokenizer=tokenizer)
     model = deploy.load(out_dir, budget=3.0)
+    tokenizer = deploy.load_tokenizer(out_dir)  # when the export ships one (export.py does)
 """
 
 from coalora.deploy.format import FORMAT, VERSION, clean_state_dict, labels, read_manifest
-from coalora.deploy.reader import BACKENDS, load
+from coalora.deploy.reader import BACKENDS, load, load_tokenizer
 from coalora.deploy.save import lora_tensors, save_packed
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "clean_state_dict",
     "labels",
     "load",
+    "load_tokenizer",
     "lora_tensors",
     "read_manifest",
     "save_packed",

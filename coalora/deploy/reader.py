@@ -44,6 +44,7 @@ from coalora.quant.nf import quantize_nf
 from coalora.quant.packing import PackedTensor, dequantize_packed, pack_quantized
 
 BACKENDS = ("packed", "bnb")
+TOKENIZER_CONFIG = "tokenizer_config.json"  # every transformers tokenizer writes it
 
 
 def model_class(name: str, mpath: Path) -> type:
@@ -233,4 +234,30 @@ def load(
     return model.eval()
 
 
-__all__ = ["BACKENDS", "load", "model_class"]
+def load_tokenizer(path: str | Path, verify: bool = True) -> Any:
+    """The run's tokenizer, shipped beside a packed export: ``AutoTokenizer.from_pretrained`` on
+    the export folder after the manifest's checks. The tokenizer may read any file of the top
+    folder, so with ``verify`` each one must be listed in the manifest (and match it)."""
+    path = Path(path)
+    manifest = read_manifest(path, verify=verify)
+    if TOKENIZER_CONFIG not in manifest["files"]:
+        raise CoaloraError(
+            f"{path}: this export has no tokenizer (written without one; {TOKENIZER_CONFIG} is "
+            "not in its manifest); load the base model's tokenizer instead"
+        )
+    unlisted = sorted(
+        p.name
+        for p in path.iterdir()
+        if not p.is_dir() and p.name != MANIFEST and p.name not in manifest["files"]
+    )
+    if verify and unlisted:
+        raise CoaloraError(
+            f"{path}: {unlisted} not listed in {MANIFEST}; the tokenizer could read them "
+            "(remove them or export again)"
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+__all__ = ["BACKENDS", "load", "load_tokenizer", "model_class"]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from coalora.deploy.format import (
     BASE,
     FORMAT,
+    HF_CONFIG,
     MANIFEST,
     PACKED,
     adapter_file,
@@ -76,9 +77,22 @@ def _entry(module: nn.Module, qc: QuantConfig) -> PackedTensor:
         return pack_quantized(quantize_nf(module.weight.detach(), qc))
 
 
-def _card(model_type: str, arch: str, configs: dict[str, ModelQuantConfig], extra: str) -> str:
+def _card(
+    model_type: str, arch: str, configs: dict[str, ModelQuantConfig], extra: str, tokenizer: bool
+) -> str:
     rows = "\n".join(
         f"| {label} | {c.average_bits():.4f} | {len(c)} |" for label, c in configs.items()
+    )
+    tok = (
+        "tokenizer = coalora.deploy.load_tokenizer(path)  # the run's, shipped here\n"
+        if tokenizer
+        else ""
+    )
+    note = (
+        "The tokenizer's files are in this folder: `load_tokenizer` checks them against\n"
+        "`manifest.json` and calls `transformers.AutoTokenizer.from_pretrained(path)`.\n\n"
+        if tokenizer
+        else "This export has no tokenizer: use the base model's.\n\n"
     )
     return (
         f"# coalora packed export: {arch} ({model_type})\n\n"
@@ -86,8 +100,8 @@ def _card(model_type: str, arch: str, configs: dict[str, ModelQuantConfig], extr
         "configuration.\n\n| configuration | average bits | quantized linears |\n|---|---|---|\n"
         f"{rows}\n\n"
         "Load (no training code needed):\n\n```python\nimport coalora.deploy\n"
-        f"model = coalora.deploy.load(path, budget={next(iter(configs))!r})\n```\n\n"
-        f"{extra}"
+        f"model = coalora.deploy.load(path, budget={next(iter(configs))!r})\n{tok}```\n\n"
+        f"{note}{extra}"
     )
 
 
@@ -136,12 +150,15 @@ def save_packed(
     scaling: float | Mapping[Any, float] = 1.0,
     card: str = "",
     overwrite: bool = False,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``configs`` (label → configuration) with their ``adapters`` (label →
     ``{<name>.lora_A, <name>.lora_B, <other state key>: tensor}``) as one packed export.
 
     ``model`` is the trained model (target linears plain, ``QuantLinear`` or adapter-wrapped);
-    its non-target weights (head included) are exported as they are. Returns ``out_dir``.
+    its non-target weights (head included) are exported as they are. ``tokenizer`` (a
+    ``transformers`` tokenizer) is saved beside them, so ``AutoTokenizer.from_pretrained`` on
+    the export gives it. Returns ``out_dir``.
     """
     names = list(names)
     labels = {str(k): v for k, v in configs.items()}
@@ -177,10 +194,12 @@ def save_packed(
     # name another head, e.g. BertModel for a sentence-transformers checkpoint)
     hf_config = {**hf_config, "architectures": [arch]}
     targets = {n: [modules[n].out_features, modules[n].in_features] for n in names}
-    text = _card(hf_config.get("model_type", ""), arch, labels, card)
+    text = _card(hf_config.get("model_type", ""), arch, labels, card, tokenizer is not None)
 
     def build(tmp: Path) -> None:
         save = safetensors.torch.save_file  # read at write time: a patched writer is the one used
+        if tokenizer is not None:  # first: the export's own files below win any name clash
+            tokenizer.save_pretrained(str(tmp))
         (tmp / "configs").mkdir()
         (tmp / "adapters").mkdir()
         save(packed, str(tmp / PACKED), metadata={"format": FORMAT})
@@ -195,7 +214,7 @@ def save_packed(
                 s = scaling[label] if isinstance(scaling, Mapping) else scaling
                 entry.update(adapter=rel, scaling=float(s))
             configurations[label] = entry
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2, default=str))
         (tmp / "README.md").write_text(text)
         manifest = make_manifest(
             arch, hf_config.get("model_type", ""), targets, entry_meta, tied, configurations,
@@ -229,6 +248,7 @@ def write_packed(job: ExportJob) -> Written:
     save_packed(
         job.model, job.names, job.configs, adapters, job.out_dir, scaling=scaling, card=card,
         overwrite=True,  # check_target above: empty, an export of this run, or overwrite=true
+        tokenizer=job.tokenizer() if job.tokenizer is not None else None,
     )  # fmt: skip
     sizes = {k: round(c.average_bits(), 4) for k, c in job.configs.items()}
     return Written(

@@ -37,7 +37,9 @@ class ExportJob:
     ``None`` = the full-precision base). ``adapt(config)`` switches the model's base and adapter
     to a configuration (CoA-LoRA folds B' = B (I + γU(c)), arXiv 2509.25214 §3). ``run_cfg`` is
     the run's composed config (method, model, task); ``source`` says how the configuration was
-    chosen (model cards); ``backbone()`` builds a fresh ``transformers`` model of the run.
+    chosen (model cards); ``backbone()`` builds a fresh ``transformers`` model of the run and
+    ``tokenizer()`` its tokenizer (the packed writer ships it; the loader-only install of
+    ``coalora.deploy`` never imports the model builders).
     """
 
     model: nn.Module
@@ -50,6 +52,7 @@ class ExportJob:
     overwrite: bool = False
     source: str = ""
     backbone: Callable[[], nn.Module] | None = None
+    tokenizer: Callable[[], Any] | None = None
 
     def single(self, fmt: str) -> ModelQuantConfig | None:
         """The one configuration of a single-configuration format."""

@@ -35,6 +35,7 @@ from coalora.deploy.writer import ExportJob, Writer, check_target
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
 from coalora.methods import registry
+from coalora.models import build_tokenizer
 from coalora.quant import ModelQuantConfig
 from coalora.stages.build import build_backbone
 from coalora.stages.restore import load_run_config, resolve_checkpoint, restore
@@ -160,6 +161,7 @@ def run(cfg: DictConfig) -> Path:
         overwrite=overwrite,
         source=source,
         backbone=lambda: build_backbone(run_cfg),
+        tokenizer=lambda: build_tokenizer(run_cfg.model),
     )
     written = WRITERS[fmt](job)
     atomic_write_json(
