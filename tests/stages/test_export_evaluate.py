@@ -195,7 +195,7 @@ def test_packed_export_serves_every_budget_with_the_adapted_models_logits(coalor
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(deploy.labels(out)) == ["3", "4"]
-    _, lit = restore(coalora_run / "run", cache_dir=coalora_run / "cache")
+    run_cfg, lit = restore(coalora_run / "run", cache_dir=coalora_run / "cache")
     weights = model_weights(lit.model, lit.method.names)
     allocs = allocations(weights, [3.0], lit.method.space, coalora_run / "cache", "tiny_bert")
     x = {"input_ids": torch.randint(5, 1000, (2, 12)), "attention_mask": torch.ones(2, 12).long()}
@@ -205,3 +205,49 @@ def test_packed_export_serves_every_budget_with_the_adapted_models_logits(coalor
     torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(Exception, match="available"):
         deploy.load(out, budget=2.75)
+    # docs/packed.md spells the budget "3.0"; the label is "3" (#20 item 12)
+    assert deploy.load(out, budget="3.0").coalora_export["label"] == "3"
+    # the run's tokenizer ships with the export (#20 item 11)
+    from transformers import AutoTokenizer
+
+    from coalora.models import build_tokenizer
+
+    run_tok = build_tokenizer(run_cfg.model)
+    sentence = "the export keeps its tokenizer"
+    for tok in (AutoTokenizer.from_pretrained(str(out)), deploy.load_tokenizer(out)):
+        assert len(tok) == len(run_tok) > 1000
+        assert tok(sentence)["input_ids"] == run_tok(sentence)["input_ids"]
+
+
+def test_peft_card_code_loads_the_exported_adapter(coalora_run):
+    """The model card's "Load with coalora" block runs as written and gives the adapted run's
+    logits (#20 item 15)."""
+    import re
+
+    import torch
+
+    from coalora import adapt
+    from coalora.quant import ModelQuantConfig
+    from coalora.stages.restore import restore
+
+    out = coalora_run / "card_adapter"
+    r = cli(
+        "export.py",
+        [f"ckpt={coalora_run / 'run'}", "quant.budget=3.5", f"out_dir={out}",
+         f"hydra.run.dir={coalora_run / 'card_export'}"],
+        coalora_run / "cache",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = (out / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(blocks) == 1, card
+    scope: dict = {}
+    exec(compile(blocks[0], str(out / "README.md"), "exec"), scope)  # the card, as a user runs it
+    _, lit = restore(coalora_run / "run", cache_dir=coalora_run / "cache")
+    config = ModelQuantConfig.from_json(out / "quant_config.json")
+    x = {"input_ids": torch.randint(5, 1000, (2, 12)), "attention_mask": torch.ones(2, 12).long()}
+    with torch.no_grad():
+        expected = adapt(lit, config)(**x).logits
+        served = scope["model"](**x).logits
+    torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-5)
+    assert "randomly initialised" in card  # tiny_bert: no published base (peft-only section)
