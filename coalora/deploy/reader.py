@@ -1,14 +1,16 @@
 """The packed export reader: ``load(path, budget)`` serves one configuration of a packed export.
 
-It verifies the manifest (``coalora.deploy.format``: every file's size and sha256), rebuilds the
-``transformers`` model from ``config.json`` (or fills a given instance), loads the base weights
+It reads the manifest under its rules (``coalora.deploy.schema``: digest, paths, values, shapes;
+docs/packed.md "What load checks") and verifies every file's size and sha256, builds the
+``transformers`` class the manifest names (only a ``PreTrainedModel`` subclass, ``model_class``)
+from ``config.json`` (or fills a given instance), loads the base weights
 and replaces each target linear by a packed ``QuantLinear`` holding only the chosen
 configuration's entries (docs/packed.md), wrapped in the project's ``LoRALinear`` (LoRA, arXiv
 2106.09685; frozen, B already folded for CoA-LoRA, arXiv 2509.25214 §3) when the configuration
 has an adapter. ``merge=True`` folds the LoRA into the base by re-quantizing ``deq(Q) + s·BA``
 with the same option; ``backend="bnb"`` serves the same values through bitsandbytes'
-``Linear4bit`` (``coalora.quant.bnb.bnb_linear4bit``). Imports neither Lightning, Hydra nor
-botorch.
+``Linear4bit`` (``coalora.quant.bnb.bnb_linear4bit``). ``load_tokenizer`` returns the run's
+tokenizer shipped beside the export. Imports neither Lightning, Hydra nor botorch.
 """
 
 from __future__ import annotations
