@@ -9,12 +9,12 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from support import run_entry
 
 from coalora.search.configset import ConfigSet
 
@@ -42,17 +42,8 @@ def cache(tmp_path_factory) -> Path:
 def run_cli(
     script: str, args: list[str], run_dir: Path, cache: Path
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "COALORA_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1",
-           "COALORA_LOGEI_FUSED": "0"}  # fmt: skip
-    return subprocess.run(
-        [sys.executable, script, *args, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {"OMP_NUM_THREADS": "1", "COALORA_LOGEI_FUSED": "0"}
+    return run_entry(script, [*args, f"hydra.run.dir={run_dir}"], cache, env, timeout=300)
 
 
 def our_files(run_dir: Path) -> list[Path]:
