@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # tests/ -> the repository
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 # tiny_llama on the fixture WikiText-2: short blocks, a few batches (decoder stage tests)
@@ -102,3 +104,17 @@ def run_entry(
         return subprocess.CompletedProcess(
             [sys.executable, script, *args], proc.exitcode, read(out), read(err)
         )
+
+
+def tiny_bert_classifier(
+    hidden: int = 128, layers: int = 2, seed: int = 0, num_labels: int = 3
+) -> torch.nn.Module:
+    """A random BERT sequence classifier (vocabulary 100, 2 heads, intermediate 2 × hidden,
+    32 positions) in eval mode, seeded: the small model of the packed-format and deploy tests."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden,
+                     max_position_embeddings=32, num_labels=num_labels)  # fmt: skip
+    return BertForSequenceClassification(cfg).eval()

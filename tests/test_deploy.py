@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import tiny_bert_classifier
 from torch import nn
 
 from coalora import deploy
@@ -35,19 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_bert(hidden: int = 128, seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert_classifier(hidden=hidden, layers=2, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from support import tiny_bert_classifier
 from torch import nn
 
 from coalora import deploy
@@ -32,19 +33,7 @@ TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dens
 
 
 def tiny_bert(hidden: int = 32, seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert_classifier(hidden=hidden, layers=1, seed=seed)
 
 
 def minilm_tokenizer():

@@ -16,6 +16,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from support import tiny_bert_classifier
 
 from coalora import deploy
 from coalora.quant import (
@@ -102,19 +103,7 @@ def run_slim(site: Path, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def tiny_export(out: Path) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification(config).eval()
+    model = tiny_bert_classifier(hidden=64, layers=1, seed=0, num_labels=2)
     names = target_linear_names(model, ["query", "value"])
     numels = {n: model.get_submodule(n).weight.numel() for n in names}
     configs = {

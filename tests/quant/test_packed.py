@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import tiny_bert_classifier
 from torch import nn
 
 from coalora.errors import CoaloraError, ConfigError
@@ -33,19 +34,7 @@ TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dens
 
 
 def tiny_bert(seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert_classifier(hidden=128, layers=2, seed=seed)
 
 
 def mixed_config(model: nn.Module, names: list[str]) -> ModelQuantConfig:
