@@ -119,7 +119,7 @@ def sse(Wt: Tensor, Xhat: Tensor, X: Tensor) -> Tensor:
     return (Wt * (Xhat - X).square()).sum(1, keepdim=True)  # (nb, 1)
 
 
-def _keep(best: list[Tensor], err: Tensor, *vals: Tensor) -> None:
+def keep_best(best: list[Tensor], err: Tensor, *vals: Tensor) -> None:
     """In place: rows where ``err`` beats best[0] take ``err`` and ``vals``."""
     take = err < best[0]
     for i, v in enumerate((err, *vals)):
@@ -145,7 +145,7 @@ def fit_sym(X: Tensor, Wt: Tensor, qmin: int, qmax: int, search: bool, store=f16
             q = q_sym(X, store(mx / (end * r)), qmin, qmax)
             den = (Wt * q * q).sum(1, keepdim=True)
             s = store((Wt * X * q).sum(1, keepdim=True) * safe_inv(den))  # least-squares scale
-            _keep(best, sse(Wt, s * q_sym(X, s, qmin, qmax), X), s)
+            keep_best(best, sse(Wt, s * q_sym(X, s, qmin, qmax), X), s)
     return best[1]
 
 
@@ -176,7 +176,7 @@ def fit_affine(
             d1 = torch.where(m1 > 0, sxq * safe_inv(sqq), d1)
             m1 = m1.clamp(max=0.0)
         d1, m1 = store(d1), store(m1)
-        _keep(best, sse(Wt, d1 * q_affine(X, d1, m1, nmax) + m1, X), d1, m1)
+        keep_best(best, sse(Wt, d1 * q_affine(X, d1, m1, nmax) + m1, X), d1, m1)
     return best[1], best[2]
 
 
@@ -192,7 +192,7 @@ def fit_iq4(X: Tensor, Wt: Tensor, search: bool, store=f16) -> Tensor:
         for r in _RATIOS:
             v = iq4_values(q_iq4(X, store(mx / (end * r))))
             s = store((Wt * X * v).sum(1, True) * safe_inv((Wt * v * v).sum(1, True)))
-            _keep(best, sse(Wt, s * iq4_values(q_iq4(X, s)), X), s)
+            keep_best(best, sse(Wt, s * iq4_values(q_iq4(X, s)), X), s)
     return best[1]
 
 

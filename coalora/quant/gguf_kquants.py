@@ -4,8 +4,10 @@ docs/gguf.md). Block structs follow ggml-common.h (block_q2_K … block_q6_K, bl
 
 Encoding, per super-block: fit every sub-block's scale (and offset) in float32 with the shared
 rules of ``coalora.quant.gguf_codecs`` (RTN, or the weighted search); quantize those scales to the
-type's integer width against the fp16 super-block constant; then round every weight to its level
-under the *stored* scale, so the codes are the nearest ones for what llama.cpp will compute.
+type's integer width against the fp16 super-block constant (with the search: then try ±1 on each
+stored integer of each sub-block, keeping a step where the sub-block's error drops); then round
+every weight to its level under the *stored* scale, so the codes are the nearest ones for what
+llama.cpp will compute.
 Decoding is the standard formula of each type, vectorised over super-blocks.
 
 Element order inside a super-block (j runs over 32 bytes unless stated):
@@ -33,11 +35,13 @@ from coalora.quant.gguf_codecs import (
     fit_iq4,
     fit_sym,
     iq4_values,
+    keep_best,
     pack,
     q_affine,
     q_iq4,
     q_sym,
     safe_inv,
+    sse,
     unpack,
 )
 
@@ -58,23 +62,73 @@ def _super_affine(d: Tensor, m: Tensor, top: int) -> tuple[Tensor, Tensor, Tenso
     return D, Dm, sc, torch.round(m * safe_inv(Dm)).clamp_(0, top)
 
 
+def _refine(Xs: Tensor, Ws: Tensor, ints: list[Tensor], lims, value) -> list[Tensor]:
+    """Local search on a sub-block's stored integers (scale, and min): every ±1 step of each,
+    kept where the sub-block's weighted error, with the weights re-rounded, drops.
+    ``value(ints)`` → the sub-block's decoded weights (nb·S, sub); ints are (nb·S, 1) floats."""
+    best = [sse(Ws, value(ints), Xs), *ints]
+    steps = (
+        [(a,) for a in (-1, 1)]
+        if len(ints) == 1
+        else [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    )
+    for step in steps:
+        cand = [(v + dv).clamp(lo, hi) for v, dv, (lo, hi) in zip(ints, step, lims)]
+        keep_best(best, sse(Ws, value(cand), Xs), *cand)
+    return best[1:]
+
+
 def _affine_codes(X: Tensor, Wt: Tensor, sub: int, nmax: int, top: int, search: bool):
     """The affine K-types' shared encoder: (D, Dmin, sc, mq, codes (nb, 256) int32)."""
-    nb = X.shape[0]
-    d, m = fit_affine(X.view(-1, sub), Wt.view(-1, sub), nmax, search, exact, min_le_zero=True)
+    nb, Xs, Ws = X.shape[0], X.view(-1, sub), Wt.view(-1, sub)
+    d, m = fit_affine(Xs, Ws, nmax, search, exact, min_le_zero=True)
     D, Dm, sc, mq = _super_affine(d.view(nb, -1), m.view(nb, -1), top)
-    de, me = (D * sc).view(-1, 1), (Dm * mq).view(-1, 1)  # what the decoder computes
-    q = q_affine(X.view(-1, sub), de, -me, nmax).view(nb, -1).to(torch.int32)
-    return D, Dm, sc.to(torch.int32), mq.to(torch.int32), q
+    Ds, Dms = D.expand_as(sc).reshape(-1, 1), Dm.expand_as(sc).reshape(-1, 1)
+
+    def value(ints: list[Tensor]) -> Tensor:  # what the decoder computes
+        de, me = Ds * ints[0], Dms * ints[1]
+        return de * q_affine(Xs, de, -me, nmax) - me
+
+    sc, mq = sc.reshape(-1, 1), mq.reshape(-1, 1)
+    if search:
+        sc, mq = _refine(Xs, Ws, [sc, mq], [(0, top), (0, top)], value)
+    de, me = Ds * sc, Dms * mq
+    q = q_affine(Xs, de, -me, nmax).view(nb, -1).to(torch.int32)
+    return D, Dm, sc.view(nb, -1).to(torch.int32), mq.view(nb, -1).to(torch.int32), q
+
+
+def _signed_codes(X: Tensor, Wt: Tensor, sub: int, lo: int, search: bool, fit, codes, levels):
+    """The encoder of the K-types with signed sub-block scales (Q3_K, Q6_K, IQ4_XS):
+    ``fit(Xs, Ws, search)`` → float sub-scales, ``codes(Xs, s)`` → each weight's level index,
+    ``levels(q)`` → its value in scale units. Returns (d (nb, 1), ls (nb, S) int32, codes (nb, 256))."""
+    nb, Xs, Ws = X.shape[0], X.view(-1, sub), Wt.view(-1, sub)
+    d, ls = _super_sym(fit(Xs, Ws, search).view(nb, -1), lo, -lo - 1)
+    ds = d.expand_as(ls).reshape(-1, 1)
+
+    def value(ints: list[Tensor]) -> Tensor:  # what the decoder computes
+        se = ds * ints[0]
+        return se * levels(codes(Xs, se))
+
+    ls = ls.reshape(-1, 1)
+    if search:
+        (ls,) = _refine(Xs, Ws, [ls], [(lo, -lo - 1)], value)
+    q = codes(Xs, ds * ls).view(nb, -1)
+    return d, ls.view(nb, -1).to(torch.int32), q
 
 
 def _sym_codes(X: Tensor, Wt: Tensor, sub: int, qmin: int, qmax: int, lo: int, search: bool):
-    """The symmetric K-types' shared encoder: (d, ls, codes - qmin (nb, 256) int32)."""
-    nb = X.shape[0]
-    s = fit_sym(X.view(-1, sub), Wt.view(-1, sub), qmin, qmax, search, exact).view(nb, -1)
-    d, ls = _super_sym(s, lo, -lo - 1)
-    q = q_sym(X.view(-1, sub), (d * ls).view(-1, 1), qmin, qmax).view(nb, -1)
-    return d, ls.to(torch.int32), (q - qmin).to(torch.int32)
+    """Q3_K and Q6_K: (d, ls, codes - qmin (nb, 256) int32)."""
+    d, ls, q = _signed_codes(
+        X,
+        Wt,
+        sub,
+        lo,
+        search,
+        lambda Xs, Ws, search: fit_sym(Xs, Ws, qmin, qmax, search, exact),
+        lambda Xs, s: q_sym(Xs, s, qmin, qmax),
+        lambda q: q,
+    )
+    return d, ls, (q - qmin).to(torch.int32)
 
 
 def _two_bit(u: Tensor) -> Tensor:
@@ -199,15 +253,17 @@ def _dec_q6_k(raw: Tensor) -> Tensor:
 # ---- block_iq4_xs: d | scales_h (uint16: 2 bits per sub-block) | scales_l[4] (nibbles) | qs[128]
 
 
+def _fit_iq4_sub(Xs: Tensor, Ws: Tensor, search: bool) -> Tensor:
+    return fit_iq4(Xs, Ws, search, exact)
+
+
 def _enc_iq4_xs(X: Tensor, Wt: Tensor, search: bool) -> Tensor:
     nb = X.shape[0]
-    s = fit_iq4(X.view(-1, 32), Wt.view(-1, 32), search, exact).view(nb, 8)
-    d, ls = _super_sym(s, -32, 31)
-    q = q_iq4(X.view(-1, 32), (d * ls).view(-1, 1)).view(nb, 8, 2, 16)
-    uu = ls.to(torch.int32) + 32
+    d, ls, q = _signed_codes(X, Wt, 32, -32, search, _fit_iq4_sub, q_iq4, iq4_values)
+    uu = ls + 32
     high = pack((uu >> 4).view(nb, 2, 4).transpose(1, 2), 2)  # sub-block k at bits 2k
     low = pack((uu & 15).view(nb, 4, 2).transpose(1, 2), 4)  # byte k // 2, nibble k % 2
-    return torch.cat([f16_bytes(d), high, low, pack(q, 4).view(nb, 128)], 1)
+    return torch.cat([f16_bytes(d), high, low, pack(q.view(nb, 8, 2, 16), 4).view(nb, 128)], 1)
 
 
 def _dec_iq4_xs(raw: Tensor) -> Tensor:
