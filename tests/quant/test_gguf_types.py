@@ -198,3 +198,18 @@ def test_blocks_written_and_read_back_through_a_gguf_file(tmp_path):
         assert t.tensor_type == GGMLQuantizationType[t.name]
         assert [int(x) for x in t.shape] == [512, 4]  # ggml order: innermost first
         assert np.array_equal(np.asarray(t.data), encode(W, t.name).numpy())
+
+
+def test_chunking_does_not_change_the_bytes(monkeypatch):
+    from coalora.quant import gguf_types
+
+    W = MATRICES["4x512"]
+    whole = {n: encode(W, n) for n in ("Q4_1", "Q3_K", "IQ4_XS")}
+    decoded = {n: decode(raw, n, W.shape) for n, raw in whole.items()}
+    monkeypatch.setattr(gguf_types, "_CHUNK", 256)  # one 256-weight super-block per step
+    for name, raw in whole.items():
+        assert torch.equal(encode(W, name), raw)
+        assert torch.equal(decode(raw, name, W.shape), decoded[name])
+        assert gguf_errors(W, [name])[0] == pytest.approx(
+            ((fake_quantize_gguf(W, name) - W) ** 2).sum().item(), rel=1e-6
+        )
