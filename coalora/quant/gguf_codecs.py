@@ -220,9 +220,10 @@ def _from_high_bits(b: Tensor) -> Tensor:
 def _enc_sym(qmin: int, qmax: int):
     def enc(X: Tensor, Wt: Tensor, search: bool) -> Tensor:
         s = fit_sym(X, Wt, qmin, qmax, search)
-        u = (q_sym(X, s, qmin, qmax) - qmin).to(torch.int32)  # (nb, 32) stored unsigned
+        q = q_sym(X, s, qmin, qmax)  # (nb, 32)
         if qmax == 127:  # Q8_0: int8 codes
-            return torch.cat([f16_bytes(s), u.add(qmin).to(torch.int8).view(torch.uint8)], 1)
+            return torch.cat([f16_bytes(s), q.to(torch.int8).view(torch.uint8)], 1)
+        u = (q - qmin).to(torch.int32)  # stored unsigned
         high = [_high_bits(u)] if qmax == 15 else []
         return torch.cat([f16_bytes(s), *high, _nibbles(u & 15)], 1)
 
