@@ -158,7 +158,7 @@ def weights_fingerprint(
 ) -> str:
     """Cheap content hash (names, shapes, Σ|w|, Σw²) so a cached table never serves other weights."""
     h = hashlib.sha1()
-    with _one_thread():
+    with one_thread():
         for src in (weights, fisher or {}):
             for name, w in src.items():
                 w = w.detach().double()
@@ -181,7 +181,7 @@ def build_error_table(
     space = space or QuantSpace()
     options = space.options()
     kind = kind or ("custom" if residual_fn else "fisher" if fisher is not None else "mse")
-    with _one_thread():
+    with one_thread():
         costs = _error_rows(weights, options, fisher, residual_fn)
     return ErrorTable(
         names=list(weights),
@@ -194,7 +194,7 @@ def build_error_table(
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """One intra-op thread: torch splits a CPU sum into per-thread partial sums, so the last bits
     of every error (and then near-tie allocations) would depend on the thread count."""
     threads = torch.get_num_threads()
@@ -223,7 +223,7 @@ def table_workers() -> int:
 
 def _error_row(name, W, options, fisher, residual_fn) -> Tensor:
     # One intra-op thread in *this* thread too: OpenMP's thread count is per calling thread, so a
-    # worker thread would otherwise start with the process default (see ``_one_thread``).
+    # worker thread would otherwise start with the process default (see ``one_thread``).
     torch.set_num_threads(1)
     F = None
     if fisher is not None:
@@ -339,6 +339,7 @@ __all__ = [
     "build_error_table",
     "cached_error_table",
     "cached_table",
+    "one_thread",
     "table_path",
     "table_workers",
     "weights_fingerprint",

@@ -186,6 +186,11 @@ class QuantLinear(nn.Module):
             )
         return w
 
+    def _source(self) -> Tensor:
+        """The matrix every configuration quantizes (and full precision serves): the original
+        here; ``coalora.quant.residual`` subtracts the low-rank part its adapter carries."""
+        return self._original()
+
     def _dequantized(self, qc: QuantConfig) -> Tensor:
         pinned = self._pinned.get(qc)
         if isinstance(pinned, Tensor):
@@ -195,7 +200,7 @@ class QuantLinear(nn.Module):
         ref = self._original()
         if w is None or w.device != ref.device or w.dtype != ref.dtype:
             with torch.no_grad():
-                w = fake_quantize(ref, qc)  # (d_out, d_in), dtype of the original
+                w = fake_quantize(self._source(), qc)  # (d_out, d_in), dtype of the original
             self.cache.put(key, w)
         return w
 
@@ -208,7 +213,7 @@ class QuantLinear(nn.Module):
         p = self.cache.get(key) if self.cache.storage == "packed" else None
         if p is None:
             with torch.no_grad():
-                p = pack_quantized(quantize_nf(self._original(), qc))
+                p = pack_quantized(quantize_nf(self._source(), qc))
             if self.cache.storage == "packed":
                 self.cache.put(key, p)
         return p
@@ -306,7 +311,7 @@ class QuantLinear(nn.Module):
             return dequantize_packed(self._packed, dtype)
         w = self._weight
         if w is None:
-            return self._original()
+            return self._source()
         if self.weight_fp is not None and (
             w.device != self.weight_fp.device or w.dtype != self.weight_fp.dtype
         ):

@@ -14,11 +14,16 @@ does not depend on which quantizer builds ``Q``; :func:`lq_residual_fn` binds ou
 
 In the model, the frozen base is ``Q`` and the LoRA starts at ``s·B·A = L1 L2`` with
 ``A = L2/√s``, ``B = L1/√s`` (:func:`lora_init_from_lq`).
+
+:func:`shared_lowrank` is the variant for one adapter over many configurations (Shared-LoRA and
+CoA-LoRA's ``method.init``, docs/methods.md "Quantization-aware initialisation"): one ``L`` for
+every quantizer, so each configuration's base is ``quantize_c(W − L)``; :func:`subtract_lowrank`
+is the ``W − L`` every such base quantizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,10 +34,13 @@ from coalora.quant.nf import fake_quantize
 
 __all__ = [
     "LQResult",
+    "SharedLowRank",
     "lora_init_from_lq",
     "lowrank_factors",
     "lq_decompose",
     "lq_residual_fn",
+    "shared_lowrank",
+    "subtract_lowrank",
 ]
 
 QuantizeFn = Callable[[Tensor], Tensor]
@@ -208,3 +216,112 @@ def lq_residual_fn(
         return res.q + res.l1 @ res.l2
 
     return residual
+
+
+def subtract_lowrank(weight: Tensor, l1: Tensor, l2: Tensor) -> Tensor:
+    """``W − L1 L2`` (d_out, d_in) in ``weight``'s dtype and device.
+
+    Computed in float64 and rounded once, so the residual does not depend on how a matmul splits
+    its sums (thread count, kernel): every process that holds the same ``W``, ``L1``, ``L2`` on
+    the same kind of device quantizes the same matrix.
+    """
+    with torch.no_grad():
+        w = weight.detach()
+        lowrank = l1.to(w.device, torch.float64) @ l2.to(w.device, torch.float64)  # (d_out, d_in)
+        return (w.to(torch.float64) - lowrank).to(w.dtype)
+
+
+class SharedLowRank(NamedTuple):
+    """One ``L = l1 @ l2`` for every quantizer; ``errors[i]`` is iterate i's mean error over them
+    (empty when no quantizer was given); the kept iterate is the minimum."""
+
+    l1: Tensor  # (d_out, r), float32
+    l2: Tensor  # (r, d_in), float32
+    errors: list[float]
+
+
+@torch.no_grad()
+def shared_lowrank(
+    weight: Tensor,
+    rank: int,
+    quantize_fns: Sequence[QuantizeFn] = (),
+    iters: int = 1,
+    fisher: Tensor | None = None,
+    heuristic: str = "two-sided",
+) -> SharedLowRank:
+    """A low-rank part ``L`` shared by the quantizers ``quantize_fns`` (one per configuration).
+
+    Iterate 1 is ``L = SVD_r(W)``: LQ-LoRA's first iteration from ``Q = 0`` (arXiv 2311.12023
+    §3), the CoA-LoRA code's ``lora-lpq``. Each further iterate refits ``L`` to the mean of the
+    configurations' quantized residuals,
+
+        Q_c = quantize_c(W − L)    for every quantizer c
+        L   = SVD_r(W − mean_c Q_c)
+
+    which minimises ``mean_c ‖W − L − Q_c‖²`` over rank-``r`` ``L`` for fixed ``Q_c`` (the mean
+    of squared distances to the ``W − Q_c`` is the squared distance to their mean plus a constant).
+    The error of an iterate is ``mean_c ‖√F ⊙ (R − quantize_c(R))‖²`` with ``R`` =
+    :func:`subtract_lowrank` (the matrix a configuration quantizes); as in :func:`lq_decompose`
+    we stop at the first iterate that does not improve it and keep the best one. ``fisher``
+    weights the SVD (``heuristic``) and the error (LQ-LoRA §3.4).
+
+    The SVD is exact and in float64 (deterministic for the same inputs on one machine), so a
+    restored run recomputes the factors training used.
+    """
+    if rank < 1:
+        raise ConfigError(f"method.rank must be a positive integer, got {rank}")
+    if rank > min(weight.shape):
+        raise ConfigError(
+            f"method.rank={rank} exceeds the layer's smaller side {min(weight.shape)}"
+        )
+    if iters < 1:
+        raise ConfigError(f"method.init_iters must be >= 1, got {iters}")
+    if iters > 1 and not quantize_fns:
+        raise ValueError("refitting L (iters > 1) needs the configurations' quantizers")
+    if heuristic not in HEURISTICS:
+        raise ConfigError(f"heuristic must be one of {list(HEURISTICS)}, got {heuristic!r}")
+    w = weight.detach().to(torch.float64)  # (d_out, d_in)
+    rho = kappa = err_scale = None
+    if fisher is not None:
+        if fisher.shape != w.shape:
+            raise ValueError(f"fisher {tuple(fisher.shape)} must match W {tuple(w.shape)}")
+        f = fisher.detach().to(w).clamp_min(0)
+        err_scale = f.sqrt().to(weight.dtype)
+        rho, kappa = _fisher_scales(f)
+        if heuristic in ("none", "col"):
+            rho = torch.ones_like(rho)
+        if heuristic in ("none", "row"):
+            kappa = torch.ones_like(kappa)
+
+    def factors(m: Tensor) -> tuple[Tensor, Tensor]:  # (d_out, r), (r, d_in) in float32
+        if rho is None:
+            l1, l2 = lowrank_factors(m, rank, randomized=False)
+        else:
+            l1, l2 = lowrank_factors(rho * m * kappa, rank, randomized=False)
+            l1, l2 = l1 / rho, l2 / kappa
+        return l1.to(torch.float32), l2.to(torch.float32)
+
+    target = w
+    best: tuple[Tensor, Tensor] | None = None
+    best_err = float("inf")
+    errors: list[float] = []
+    for _ in range(iters):
+        l1, l2 = factors(target)
+        if not quantize_fns:
+            return SharedLowRank(l1, l2, [])
+        resid = subtract_lowrank(weight, l1, l2)  # (d_out, d_in)
+        q_sum = torch.zeros_like(w)
+        err = 0.0
+        for quantize in quantize_fns:
+            q = quantize(resid)
+            d = resid - q if err_scale is None else err_scale * (resid - q)
+            err += float(d.to(torch.float64).square().sum())
+            q_sum += q.to(torch.float64)
+        err /= len(quantize_fns)
+        errors.append(err)
+        if err >= best_err:
+            break  # no improvement: keep the previous (best) iterate
+        best_err, best = err, (l1, l2)
+        target = w - q_sum / len(quantize_fns)
+    assert best is not None
+    return SharedLowRank(*best, errors)
