@@ -116,6 +116,7 @@ class SearchRefreshCallback(Callback):
             objective, initial, sources, method.space, s, seed=seed, search_seed=seed + epoch,
             provenance=dict(
                 model=ctx.model_name, task=ctx.task_name, kind="search refresh", epoch=epoch,
+                init=method.init.mode,
                 search=OmegaConf.to_container(self.search_cfg, resolve=True),
             ),
             record_reference=False,

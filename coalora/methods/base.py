@@ -68,6 +68,12 @@ class Method:
     #: ``export.py format=`` values this method supports (the first is the default)
     export_formats: tuple[str, ...] = ("peft", "merged", "packed")
 
+    @classmethod
+    def export_refusal(cls, cfg: DictConfig, fmt: str) -> str | None:
+        """Why a run of this method with config ``cfg`` (its ``method`` group) cannot be exported
+        as ``fmt``, one of ``export_formats`` (None: it can)."""
+        return None
+
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.names: list[str] = []

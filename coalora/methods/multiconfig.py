@@ -8,6 +8,10 @@ uninterrupted run would have.
 
 One optimizer state: all configurations update the same parameters through one AdamW, so the
 moments see every configuration's gradients — the adapter *is* shared, and its statistics too.
+
+``method.init`` (:mod:`coalora.methods.shared_init`): ``zero`` starts at ΔW = 0; ``lpq`` / ``lq``
+start the adapter at a low-rank part ``L`` of the weights and make every configuration's base
+``quantize_c(W − L)`` (docs/methods.md, "Quantization-aware initialisation (method.init)").
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from coalora.adapters import LoRALinear, adapter_modules
 from coalora.errors import ConfigError
 from coalora.methods.base import Batch, Method, MethodContext
+from coalora.methods.shared_init import (
+    InitSettings,
+    SharedInit,
+    fit_shared_init,
+    fitting_configs,
+    init_loras,
+    install_residual_bases,
+)
 from coalora.quant import ModelQuantConfig, QuantSettings, quantize_model, set_model_config
 from coalora.quant.model import model_weights
 from coalora.search.configset import ConfigSet
@@ -42,6 +55,25 @@ class MultiConfigMethod(Method):
 
     quant_modes = None  # the base follows the configuration set; quant.* gives space and cache
     switches_configs = True
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.init = InitSettings.from_cfg(cfg)
+        self.shared_init: SharedInit | None = None  # the fitted L (method.init=lpq|lq)
+
+    @classmethod
+    def export_refusal(cls, cfg: DictConfig, fmt: str) -> str | None:
+        """A PEFT export pairs the adapter with quant_config.json applied to ``W``; a run whose
+        bases quantize ``W − L`` would count ``L`` twice there."""
+        init = cfg.get("init", "zero")
+        if fmt == "peft" and init != "zero":
+            return (
+                f"format=peft cannot serve a method.init={init} run: its adapter starts at a "
+                "low-rank part L of the weights and its bases quantize W − L, while a PEFT "
+                "export's base (load_quantized_base) quantizes W; use format=packed or "
+                "format=merged"
+            )
+        return None
 
     def check(self, quant: QuantSettings) -> None:
         super().check(quant)
@@ -93,10 +125,28 @@ class MultiConfigMethod(Method):
         )
         self.cache = q.build_cache()
         self.config = next(iter(self.eval_set.values()))
+        if self.init.active:  # before quantizing: every configuration quantizes W − L
+            self.shared_init = self._fit_init(model, weights, ctx)
+            install_residual_bases(model, self.names, self.cache, self.shared_init)
         self.qlayers = quantize_model(model, self.names, self.config, self.cache)
         self.inject_adapters(model, ctx)
-        self.loras: list[LoRALinear] = [adapter_modules(model, LoRALinear)[n] for n in self.names]
+        loras = adapter_modules(model, LoRALinear)
+        self.loras: list[LoRALinear] = [loras[n] for n in self.names]
+        if self.shared_init is not None:  # s·B·A = L
+            init_loras({n: loras[n] for n in self.names}, self.shared_init)
+            self.shared_init.factors.clear()  # the layers hold them (buffers follow .to())
         self.freeze(model, ctx)
+
+    def _fit_init(self, model: nn.Module, weights, ctx: MethodContext) -> SharedInit:
+        configs = fitting_configs(self.train_set, self.init.configs)
+        sens = ctx.sensitivity(model) if self.init.mode == "lq" else None  # W is still fp here
+        return fit_shared_init(
+            {n: weights[n] for n in self.names},
+            self.init,
+            int(self.cfg.rank),
+            configs,
+            None if sens is None else sens.fisher,
+        )
 
     # ------------------------------------------------------------------ configuration sets
     def _eval_allocations(
@@ -125,6 +175,13 @@ class MultiConfigMethod(Method):
                 raise ConfigError(
                     f"method.configset={self.cfg.configset}: layer sizes differ from this model's "
                     f"(file, model), e.g. {first}: it was written for another model"
+                )
+            searched = cs.provenance.get("init", "zero")  # configsets before method.init: zero
+            if searched != self.init.mode:
+                raise ConfigError(
+                    f"method.configset={self.cfg.configset} was searched with method.init="
+                    f"{searched}, but this run has method.init={self.init.mode}: pass "
+                    f"method.init={searched} or search again with method.init={self.init.mode}"
                 )
             entries = [e for e in cs.entries if e.pareto] if self.cfg.get("pareto_only") else []
             entries = entries or cs.entries
@@ -184,10 +241,42 @@ class MultiConfigMethod(Method):
     def eval_configs(self) -> dict[str, Any]:
         return dict(self.eval_set)
 
+    # ------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"init": self.init.mode}
+        if self.shared_init is not None:
+            state["init_digest"] = self.shared_init.report["digest"]
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another ``method.init`` (its adapter was fitted to other
+        bases); warn when ``L`` was recomputed differently (another machine or torch build)."""
+        theirs = state.get("init", "zero")  # checkpoints before method.init: zero
+        if theirs != self.init.mode:
+            raise ConfigError(
+                f"the checkpoint was trained with method.init={theirs}, but this run has "
+                f"method.init={self.init.mode}: pass method.init={theirs}"
+            )
+        digest = state.get("init_digest")
+        ours = self.shared_init.report["digest"] if self.shared_init is not None else None
+        if digest and ours and digest != ours:
+            log.warning(
+                "method.init=%s: the low-rank part L recomputed here (digest %s) differs from "
+                "training's (%s), e.g. another machine or torch build; its bases may differ "
+                "from training's in the last bits",
+                self.init.mode,
+                ours,
+                digest,
+            )
+
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": self.name,
+            "init": self.init.mode,
             "train_configs": len(self.train_set),
             "eval_avg_bits": {k: round(c.average_bits(), 4) for k, c in self.eval_set.items()},
             "cache": self.cache.stats() if self.cache is not None else None,
         }
+        if self.shared_init is not None:
+            out["init_fit"] = dict(self.shared_init.report)
+        return out

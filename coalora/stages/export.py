@@ -14,6 +14,11 @@ each, docs/architecture.md "Stage flow"):
 * ``packed`` (``coalora.deploy.save``): the bit-packed base shared by several configurations
   (``quant.budgets``) + one LoRA each; ``coalora.deploy.load`` serves it (docs/packed.md).
 
+A Shared-LoRA / CoA-LoRA run with ``method.init=lpq|lq`` quantizes ``W − L`` (docs/methods.md,
+"Quantization-aware initialisation"): ``packed`` carries those entries and ``merged`` folds
+deq(Q(W − L)) + ΔW, but a PEFT base quantizes ``W``, so ``peft`` is refused and ``auto`` is
+``merged``.
+
 Methods trained on one configuration (QLoRA, LQ-LoRA, QWHA) export that configuration; a different
 ``quant.budget``/``quant.file`` is an error. Multi-configuration methods (CoA-LoRA, Shared-LoRA)
 need one: a budget exports the run's configuration at that budget (the one recorded in its
@@ -86,13 +91,20 @@ def _trained_configuration(q: DictConfig, method) -> ModelQuantConfig | None:
     return trained
 
 
-def export_format(requested: str, method) -> str:
-    """The format to write: ``auto`` is the method's first declared export format."""
+def export_format(requested: str, method, method_cfg: DictConfig | None = None) -> str:
+    """The format to write: ``auto`` is the method's first declared export format that the run
+    (``method_cfg``, its ``method`` group) allows; a format the run's settings exclude (e.g. PEFT
+    for ``method.init=lpq``) is one line saying which to use."""
     if requested not in FORMATS:
         raise ConfigError(f"format={requested!r} is not allowed; allowed: {list(FORMATS)}")
     formats = tuple(method.export_formats)
     if requested == "auto":
-        return formats[0]
+        if method_cfg is None:
+            return formats[0]
+        return next(f for f in formats if method.export_refusal(method_cfg, f) is None)
+    reason = None if method_cfg is None else method.export_refusal(method_cfg, requested)
+    if reason is not None and requested in formats:
+        raise ConfigError(reason)
     if requested not in formats:
         raise ConfigError(
             f"format={requested} is not available for method={method.name}; allowed: "
@@ -142,7 +154,7 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"format={requested!r} is not allowed; allowed: {list(FORMATS)}")
     run_dir, _ = resolve_checkpoint(cfg.ckpt)
     run_cfg = load_run_config(run_dir)
-    fmt = export_format(requested, registry_method(run_cfg))
+    fmt = export_format(requested, registry_method(run_cfg), run_cfg.method)
     overwrite = bool(cfg.get("overwrite"))
     if cfg.out_dir:
         check_target(Path(cfg.out_dir), run_dir, overwrite)

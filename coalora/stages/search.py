@@ -184,7 +184,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     objective, _, ctx = build_objective(cfg)
     ckpt = str(Path(cfg.ckpt).resolve()) if cfg.get("ckpt") else None
-    kind = f"checkpoint {ckpt}" if ckpt else "fresh head (B = 0)"
+    init = objective.method.init.mode  # what the scored adapter started from (method.init)
+    fresh = "fresh head (B = 0)" if init == "zero" else f"fresh head (method.init={init})"
+    kind = f"checkpoint {ckpt}" if ckpt else fresh
     budgets = settings.pool.budgets(space, "search.pool")
     allocs = ctx.allocations(objective.model, budgets, space=space)
     pool, sources = label_pool({b: a.config for b, a in allocs.items()})
@@ -206,6 +208,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             provenance=dict(
                 model=cfg.model.name, task=cfg.task.name,
                 command=" ".join(["search.py", *sys.argv[1:]]), ckpt=ckpt, objective=kind,
+                init=init,
                 search=OmegaConf.to_container(cfg.search, resolve=True),
                 bits_range=list(settings.bits_range),
             ),
