@@ -17,7 +17,9 @@ bootstrap interval over blocks (``coalora.data.metrics.paired_bootstrap_perplexi
 resampled with the same blocks) and the fraction of resamples in which B is not lower than A. Two
 runs must have scored the same blocks with the same token counts.
 
-A difference whose interval contains 0 is within what the dev set can resolve. Bad input raises
+A difference whose interval contains 0 is within what the dev set can resolve. The ``verdict``
+column adds a practical-equivalence reading: a 95% interval inside ±0.1% of the reference's
+metric is "no practical difference" even when it excludes 0 (float noise between machines). Bad input raises
 :class:`coalora.errors.ConfigError` naming the run.
 """
 
@@ -158,14 +160,32 @@ def check_same_blocks(run: str, ref_run: str, gold: dict, ref_gold: dict) -> Non
 
 CLS_HEADER = [
     "| other | column | acc ref | acc other | diff | only ref right | only other right "
-    "| McNemar p | 95% CI of diff |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    "| McNemar p | 95% CI of diff | verdict |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
 ]
 LM_HEADER = [
     "| other | column | ppl ref | ppl other | diff | 95% CI of diff | P(other not lower) "
-    "| blocks | tokens |",
-    "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    "| blocks | tokens | verdict |",
+    "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
 ]
+# A difference smaller than this share of the reference's metric is no practical difference,
+# whatever its interval says (a re-run on another machine differs by float noise: 88.7227 vs
+# 88.7228 ppl gave an interval of [-0.0003, -0.0000]).
+MARGIN = 0.001
+
+
+def verdict(low: float, high: float, reference: float, margin: float = MARGIN) -> str:
+    """How to read a paired interval ``[low, high]`` of (other − reference), given the
+    practical-equivalence margin ``margin × |reference|`` (an equivalence test by interval
+    inclusion: the whole 95% interval inside ±margin means no difference that matters)."""
+    m = margin * abs(reference)
+    if -m <= low and high <= m:
+        return f"no practical difference (|Δ| < {100 * margin:g}%)"
+    if low > 0:
+        return "other higher"
+    if high < 0:
+        return "other lower"
+    return "not resolved"
 
 
 def paired_table(runs: Sequence[str | Path]) -> list[str]:
@@ -220,7 +240,8 @@ def lm_lines(label: str, columns: list[str], ref: dict, other: dict, gold: dict)
             f"| {label} | {c} | {_num(s['ppl_ref'])} | {_num(s['ppl_other'])} "
             f"| {_num(s['diff'], True)} "
             f"| [{_num(s['ci_low'], True)}, {_num(s['ci_high'], True)}] "
-            f"| {s['p_not_lower']:.4f} | {s['blocks']} | {s['tokens']} |"
+            f"| {s['p_not_lower']:.4f} | {s['blocks']} | {s['tokens']} "
+            f"| {verdict(s['ci_low'], s['ci_high'], s['ppl_ref'])} |"
         )
     return lines
 
@@ -240,6 +261,7 @@ def classification_lines(
         lines.append(
             f"| {label} | {c} | {s['acc_b']:.4f} | {s['acc_a']:.4f} | {100 * s['diff']:+.2f} "
             f"| {s['only_b']} | {s['only_a']} | {s['p_mcnemar']:.3f} "
-            f"| [{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] |"
+            f"| [{100 * s['ci_low']:+.2f}, {100 * s['ci_high']:+.2f}] "
+            f"| {verdict(s['ci_low'], s['ci_high'], s['acc_b'])} |"
         )
     return lines

@@ -104,7 +104,8 @@ def test_lm_paired_test_matches_a_hand_computation(tmp_path, monkeypatch):
     ppl_a = math.exp(nll_a.sum() / tokens.sum())
     ppl_b = math.exp(nll_b.sum() / tokens.sum())
     assert rows[0][2:5] == [f"{ppl_a:.4f}", f"{ppl_b:.4f}", f"{ppl_b - ppl_a:+.4f}"]
-    assert rows[0][7:] == ["40", str(int(tokens.sum()))]
+    assert rows[0][7:9] == ["40", str(int(tokens.sum()))]
+    assert rows[0][9] == "other lower"  # B is 5% lower per token: far beyond the 0.1% margin
     assert float(rows[0][6]) < 0.01  # B is lower in (nearly) every resample
     assert float(rows[1][4]) > 0 and float(rows[1][6]) > 0.99  # the worse column: B not lower
     lo, hi = (float(x) for x in rows[0][5].strip("[]").split(","))
@@ -151,3 +152,15 @@ def test_lm_detected_from_the_training_config(tmp_path, monkeypatch):
     cls = eval_dir(tmp_path / "cls", "coalora", {"3": [True] * 10})
     with pytest.raises(SystemExit, match="is a classification evaluation but"):
         run([a, cls], monkeypatch)
+
+
+def test_float_noise_is_no_practical_difference():
+    """88.7227 vs 88.7228 ppl with an interval excluding 0 is not a difference that matters."""
+    from coalora.report.paired import verdict
+
+    assert verdict(-0.0003, -0.0000001, 88.7227).startswith("no practical difference")
+    assert verdict(-2.03, -1.59, 40.0) == "other lower"
+    assert verdict(0.5, 0.9, 40.0) == "other higher"
+    assert verdict(-0.5, 0.9, 40.0) == "not resolved"
+    # accuracy: one SST-2 dev example is 0.11 points, far above 0.1% of 0.85
+    assert verdict(0.0011, 0.02, 0.85) == "other higher"
