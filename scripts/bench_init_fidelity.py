@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from coalora.io import atomic_write_json
 from coalora.quant import model_weights
 from coalora.report.bench import emit_markdown, header_lines, repo_command
 from coalora.stages.build import build_untrained
+from coalora.stages.evaluate import random_near
 
 ROOT = Path(__file__).resolve().parents[1]
 INITS = ("zero", "lpq", "lq")
@@ -56,23 +58,29 @@ MODEL_ARGS = {
 
 
 @torch.no_grad()
-def weight_errors(model, method, budgets: list[float], originals) -> dict[str, dict]:
-    """Per budget: relative error of the effective target weights against ``originals``."""
+def weight_errors(model, method, budgets: list[float], originals, held_out: int) -> dict:
+    """Relative error of the effective target weights against ``originals`` at every budget's
+    allocation (``"<b>"``) and at ``held_out`` random configurations near it (``"<b>-random<i>"``,
+    evaluate.py's held-out draw, seeded: the same configurations for every initialisation)."""
+    rng = random.Random(0)
     out = {}
     for b in budgets:
-        config = method.eval_set[f"{b:g}"]
-        method.switch_base(model, config)
-        d2 = w2 = rel = 0.0
-        for name, lora in zip(method.names, method.loras, strict=True):
-            w = originals[name].double()
-            eff = lora.base_layer.weight.double() + lora.delta_weight().double()
-            e, n = float((eff - w).square().sum()), float(w.square().sum())
-            d2, w2, rel = d2 + e, w2 + n, rel + (e / n) ** 0.5
-        out[f"{b:g}"] = {
-            "avg_bits": round(config.average_bits(), 4),
-            "rel_err": (d2 / w2) ** 0.5,
-            "layer_rel_err_mean": rel / len(method.names),
-        }
+        alloc = method.eval_set[f"{b:g}"]
+        near = [random_near(alloc, method.space, b, 0.1, rng) for _ in range(held_out)]
+        configs = {f"{b:g}": alloc, **{f"{b:g}-random{i}": c for i, c in enumerate(near) if c}}
+        for label, config in configs.items():
+            method.switch_base(model, config)
+            d2 = w2 = rel = 0.0
+            for name, lora in zip(method.names, method.loras, strict=True):
+                w = originals[name].double()
+                eff = lora.base_layer.weight.double() + lora.delta_weight().double()
+                e, n = float((eff - w).square().sum()), float(w.square().sum())
+                d2, w2, rel = d2 + e, w2 + n, rel + (e / n) ** 0.5
+            out[label] = {
+                "avg_bits": round(config.average_bits(), 4),
+                "rel_err": (d2 / w2) ** 0.5,
+                "layer_rel_err_mean": rel / len(method.names),
+            }
     return out
 
 
@@ -104,6 +112,16 @@ def dev_pass(model, loader, ref: list[dict] | None = None) -> tuple[dict, list[d
     return m, outs
 
 
+def fit_line(fit: dict) -> str:
+    """How lq fitted L: its configurations, iterates and weighting."""
+    bits = ", ".join(f"{b:.2f}" for b in fit["fitted_configs_avg_bits"])
+    weighting = "Fisher-weighted" if fit["fisher"] else "unweighted"
+    return (
+        f"fitted to the training set's configurations at {bits} bits, {weighting}, "
+        f"{fit['iterates_mean']:g} iterates per layer on average"
+    )
+
+
 def set_eval_config(model, method, budget: float) -> None:
     method.switch_base(model, method.eval_set[f"{budget:g}"])
 
@@ -114,7 +132,10 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
     ap.add_argument("--inits", nargs="+", default=list(INITS), choices=list(INITS))
     ap.add_argument("--dev", action="store_true", help="also score the untrained model on dev")
+    ap.add_argument("--held-out", type=int, default=2, help="random configurations per budget")
     ap.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "coalora")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra train.py overrides, e.g. method.init_iters=20")  # fmt: skip
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.model == "minilm_l6" and not os.environ.get("COALORA_DATA_DIR"):
@@ -122,7 +143,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out_dir = Path(tempfile.mkdtemp(prefix="bench_init_"))
     budgets = "[" + ",".join(f"{b:g}" for b in args.budgets) + "]"
-    base = [*MODEL_ARGS[args.model], "method=shared_lora", f"method.eval_budgets={budgets}"]
+    base = [*MODEL_ARGS[args.model], "method=shared_lora", f"method.eval_budgets={budgets}",
+            *args.set]  # fmt: skip
     ref = fp = None
     rows = []
     for init in args.inits:
@@ -133,7 +155,8 @@ def main() -> None:
         originals = {n: w.clone() for n, w in model_weights(model, method.names).items()}
         row = {"init": init, "setup_seconds": round(setup_s, 2),
                "fit": method.describe().get("init_fit"),
-               "weights": weight_errors(model, method, args.budgets, originals)}  # fmt: skip
+               "weights": weight_errors(model, method, args.budgets, originals,
+                                        args.held_out)}  # fmt: skip
         if args.dev:
             loader = dm.val_dataloader()
             if ref is None:  # full precision with the same seeded head
@@ -177,9 +200,30 @@ def main() -> None:
             + " | ".join(f"{r['weights'][k]['layer_rel_err_mean']:.4f}" for r in rows)
             + " |"
         )
-    lines += ["", "Setup (s, `method.setup` with cached tables): "
-              + ", ".join(f"{r['init']} {r['setup_seconds']:.1f}" for r in rows)
-              + ". Fitting: " + "; ".join(f"{r['init']} {r['fit']}" for r in rows if r["fit"])
+    if args.held_out:
+        lines += [
+            "",
+            f"Held-out configurations: {args.held_out} random per-layer perturbations of each "
+            "allocation within ±0.1 bits (evaluate.py's draw, seeded, the same for every init); "
+            "`rel err` of each, in order.",
+            "",
+            "| budget | " + " | ".join(f"{r['init']} rel err" for r in rows) + " |",
+            "|---:|" + "---|" * len(rows),
+        ]
+        for b in args.budgets:
+            keys = [k for k in rows[0]["weights"] if k.startswith(f"{b:g}-random")]
+            lines.append(
+                f"| {b:g} | "
+                + " | ".join(
+                    " / ".join(f"{r['weights'][k]['rel_err']:.4f}" for k in keys) for r in rows
+                )
+                + " |"
+            )
+    lines += ["", "Fitting L (s, inside `method.setup`): "
+              + ", ".join(f"{r['init']} {r['fit']['seconds']:.1f}" for r in rows if r["fit"])
+              + "; `method.setup` in all (s; the first build includes any error table and pool "
+              "not yet cached): " + ", ".join(f"{r['init']} {r['setup_seconds']:.1f}" for r in rows)
+              + ". lq: " + "; ".join(fit_line(r["fit"]) for r in rows if r["init"] == "lq")
               + "."]  # fmt: skip
     if args.dev:
         lines += [
