@@ -15,7 +15,7 @@ over dev tokens, ``CLS cos`` = mean cosine of the final [CLS] state the head rea
 scripts/bench_baselines.py measures step 0. Shared-LoRA is measured; CoA-LoRA's step-0 ΔW differs
 only by the mapper's initial U (std 1e-3). docs/methods.md, "Quantization-aware initialisation".
 
-Writes docs/results/init_fidelity_<model>.{json,md}.
+Writes docs/results/init_fidelity_<model>.{json,md} (init_fidelity_minilm for MiniLM-L6).
 
     COALORA_DATA_DIR=/work/shared/data OMP_NUM_THREADS=1 python scripts/bench_init_fidelity.py --dev
     OMP_NUM_THREADS=1 python scripts/bench_init_fidelity.py --model tiny_llama
@@ -243,7 +243,8 @@ def main() -> None:
                 for r in rows
             ],
         ]
-    stem = ROOT / "docs" / "results" / f"init_fidelity_{args.model}"
+    short = {"minilm_l6": "minilm"}.get(args.model, args.model)
+    stem = ROOT / "docs" / "results" / f"init_fidelity_{short}"
     atomic_write_json(stem.with_suffix(".json"),
                       {"header": lines[:6], "fp_dev": fp, "rows": rows})  # fmt: skip
     emit_markdown(lines, stem.with_suffix(".md"))
