@@ -151,7 +151,8 @@ def resolve_tasks(tasks: Sequence[str], include: Iterable[str | Path] = ()) -> Z
     from lm_eval.tasks import TaskManager
 
     names = [str(t) for t in tasks]
-    local = local_tasks(include, names)
+    files = local_task_files(include)  # one scan: the names, and the error's list
+    local = {n: load_local_task(files[n]) for n in names if n in files}
     builtin = [t for t in names if t not in local]
     manager = TaskManager(include_defaults=bool(builtin))
     if builtin:
@@ -160,7 +161,7 @@ def resolve_tasks(tasks: Sequence[str], include: Iterable[str | Path] = ()) -> Z
         if unknown:
             raise ConfigError(
                 f"eval.lm_eval_tasks: unknown lm-eval task(s) {unknown}; local tasks found in "
-                f"eval.lm_eval_include: {sorted(local_task_files(include))}"
+                f"eval.lm_eval_include: {sorted(files)}"
             )
     return ZeroShotTasks(names, local, manager)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -54,6 +55,17 @@ REQUIRED_KEYS = (
     "higher_is_better",
 )
 EVAL_STAGES = ("validate", "test", "predict")
+
+
+def _is_integer(value: Any) -> bool:
+    """An int, or text spelling one ("16" from an environment variable); not a bool, 1.5 or "abc"."""
+    if isinstance(value, bool):
+        return False
+    try:
+        int(str(value))
+    except ValueError:
+        return False
+    return True
 
 
 def validate_lm_task(task: DictConfig) -> None:
@@ -88,16 +100,9 @@ def validate_lm_task(task: DictConfig) -> None:
         value = task[key]
         if value is None and key != "block_length":
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            try:  # "16" from an environment variable is fine, "abc" or 1.5 is not
-                ok = not isinstance(value, bool) and int(str(value)) == float(str(value))
-            except ValueError:
-                ok = False
-            if not ok:
-                allowed = "an integer >= 8" if key == "block_length" else "null or an integer >= 1"
-                raise ConfigError(
-                    f"task '{name}': task.{key}={value!r} must be an integer ({allowed})"
-                )
+        if not _is_integer(value):
+            allowed = "an integer >= 8" if key == "block_length" else "null or an integer >= 1"
+            raise ConfigError(f"task '{name}': task.{key}={value!r} must be an integer ({allowed})")
     if int(task.block_length) < 8:
         raise ConfigError(f"task '{name}': task.block_length={task.block_length} must be >= 8")
     for key in ("max_train_blocks", "eval_blocks"):

@@ -100,6 +100,20 @@ def _fisher_scales(fisher: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
+def _fisher_weighting(fisher: Tensor, w: Tensor, heuristic: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ρ, κ, √F)`` of a Fisher-weighted SVD of ``w`` under ``heuristic`` (LQ-LoRA §3.4), in
+    ``w``'s dtype and device: the SVD factors ``ρ ⊙ M ⊙ κ``; ``√F`` weights the error."""
+    if fisher.shape != w.shape:
+        raise ValueError(f"fisher {tuple(fisher.shape)} must match W {tuple(w.shape)}")
+    f = fisher.detach().to(w).clamp_min(0)
+    rho, kappa = _fisher_scales(f)
+    if heuristic in ("none", "col"):
+        rho = torch.ones_like(rho)
+    if heuristic in ("none", "row"):
+        kappa = torch.ones_like(kappa)
+    return rho, kappa, f.sqrt()
+
+
 @torch.no_grad()
 def lq_decompose(
     weight: Tensor,
@@ -139,15 +153,7 @@ def lq_decompose(
         raise ConfigError(f"method.heuristic must be one of {list(HEURISTICS)}, got {heuristic!r}")
     w = weight.detach().to(torch.float32)
     if fisher is not None:
-        if fisher.shape != w.shape:
-            raise ValueError(f"fisher {tuple(fisher.shape)} must match W {tuple(w.shape)}")
-        fisher = fisher.detach().to(w)
-        err_scale = fisher.clamp_min(0).sqrt()
-        rho, kappa = _fisher_scales(fisher.clamp_min(0))
-        if heuristic in ("none", "col"):
-            rho = torch.ones_like(rho)
-        if heuristic in ("none", "row"):
-            kappa = torch.ones_like(kappa)
+        rho, kappa, err_scale = _fisher_weighting(fisher, w, heuristic)
     gen = torch.Generator(device=w.device).manual_seed(seed)
 
     def factors(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -283,15 +289,8 @@ def shared_lowrank(
     w = weight.detach().to(torch.float64)  # (d_out, d_in)
     rho = kappa = err_scale = None
     if fisher is not None:
-        if fisher.shape != w.shape:
-            raise ValueError(f"fisher {tuple(fisher.shape)} must match W {tuple(w.shape)}")
-        f = fisher.detach().to(w).clamp_min(0)
-        err_scale = f.sqrt().to(weight.dtype)
-        rho, kappa = _fisher_scales(f)
-        if heuristic in ("none", "col"):
-            rho = torch.ones_like(rho)
-        if heuristic in ("none", "row"):
-            kappa = torch.ones_like(kappa)
+        rho, kappa, err_scale = _fisher_weighting(fisher, w, heuristic)
+        err_scale = err_scale.to(weight.dtype)
 
     def factors(m: Tensor) -> tuple[Tensor, Tensor]:  # (d_out, r), (r, d_in) in float32
         if rho is None:

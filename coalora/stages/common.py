@@ -24,6 +24,11 @@ from coalora.errors import ConfigError
 from coalora.io import atomic_write, atomic_write_json, atomic_write_text
 from coalora.quant.record import RunRecord
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: run directories are not locked
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 PACKAGES = (
@@ -130,10 +135,6 @@ def run_dir_lock(run_dir: Path, stage: str) -> Iterator[None]:
     with the process, also on SIGKILL, so a killed run never leaves a stale lock; the file stays
     (removing it would let a third process lock a new inode while a second holds the old one).
     Where ``fcntl`` does not exist (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        fcntl = None
     if fcntl is None or not is_global_zero():
         yield
         return
