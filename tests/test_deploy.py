@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deploy.packed_helpers import Q2, TARGETS
 from support import tiny_bert_classifier
 from torch import nn
 
@@ -30,8 +31,6 @@ from coalora.quant import (
     target_linear_names,
 )
 
-Q2 = QuantConfig(2, 4, "bf16", 16, 16)
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
