@@ -13,6 +13,9 @@ each, docs/architecture.md "Stage flow"):
   plain ``transformers`` checkpoint whose target linears hold the effective weights deq(Q(c)) + ΔW.
 * ``packed`` (``coalora.deploy.save``): the bit-packed base shared by several configurations
   (``quant.budgets``) + one LoRA each; ``coalora.deploy.load`` serves it (docs/packed.md).
+* ``gguf`` (LoRA-pair methods of a run trained with ``quant.space.kind=gguf``,
+  ``coalora.deploy.gguf``): per configuration (``quant.budget`` or ``quant.budgets``) a llama.cpp
+  base GGUF + GGUF LoRA adapter, a manifest and a model card (docs/gguf.md).
 
 A Shared-LoRA / CoA-LoRA run with ``method.init=lpq|lq`` quantizes ``W − L`` (docs/methods.md,
 "Quantization-aware initialisation"): ``packed`` carries those entries and ``merged`` folds
@@ -33,6 +36,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from coalora.deploy.gguf import write_gguf
+from coalora.deploy.gguf_base import check_gguf_run
 from coalora.deploy.merged import write_merged
 from coalora.deploy.peft import write_peft
 from coalora.deploy.save import write_packed
@@ -45,7 +50,9 @@ from coalora.quant import ModelQuantConfig
 from coalora.stages.build import build_backbone
 from coalora.stages.restore import load_run_config, resolve_checkpoint, restore
 
-WRITERS: dict[str, Writer] = {"peft": write_peft, "merged": write_merged, "packed": write_packed}
+WRITERS: dict[str, Writer] = {
+    "peft": write_peft, "merged": write_merged, "packed": write_packed, "gguf": write_gguf,
+}  # fmt: skip
 FORMATS = ("auto", *WRITERS)
 DIRS = {"peft": "adapter"}  # default folder of a format's export (else the format's name)
 
@@ -102,6 +109,13 @@ def export_format(requested: str, method, method_cfg: DictConfig | None = None) 
         if method_cfg is None:
             return formats[0]
         return next(f for f in formats if method.export_refusal(method_cfg, f) is None)
+    if requested == "gguf":  # LoRA pairs on a quantized base: wherever a packed export is
+        if "packed" in formats:
+            return requested
+        raise ConfigError(
+            f"format=gguf writes a quantized base + LoRA adapter; method={method.name} has no "
+            "such pair: use format=merged"
+        )
     reason = None if method_cfg is None else method.export_refusal(method_cfg, requested)
     if reason is not None and requested in formats:
         raise ConfigError(reason)
@@ -120,7 +134,7 @@ def export_configurations(
     """label → configuration to write, and how it was chosen (for the model card). ``packed``
     may take several budgets (``quant.budgets``); the other formats write one configuration."""
     method = lit.method
-    budgets = list(cfg.quant.get("budgets") or []) if fmt == "packed" else []
+    budgets = list(cfg.quant.get("budgets") or []) if fmt in ("packed", "gguf") else []
     if budgets and not method.switches_configs:
         raise ConfigError(
             f"quant.budgets: method={method.name} was trained on one configuration and exports "
@@ -133,9 +147,9 @@ def export_configurations(
         allocs = lit.ctx.allocations(lit.model, budgets)
         return {f"{b:g}": a.config for b, a in allocs.items()}, f"budgets {budgets}"
     config = export_configuration(cfg, lit)
-    if config is None and fmt == "packed":
+    if config is None and fmt in ("packed", "gguf"):
         raise ConfigError(
-            f"format=packed needs a quantized base; method={method.name} ran on "
+            f"format={fmt} needs a quantized base; method={method.name} ran on "
             f"quant={run_cfg.quant.mode}: use format=peft or format=merged"
         )
     if not method.switches_configs:
@@ -155,6 +169,8 @@ def run(cfg: DictConfig) -> Path:
     run_dir, _ = resolve_checkpoint(cfg.ckpt)
     run_cfg = load_run_config(run_dir)
     fmt = export_format(requested, registry_method(run_cfg), run_cfg.method)
+    if fmt == "gguf":
+        check_gguf_run(run_cfg)  # before the restore: one line for an encoder or an NF run
     overwrite = bool(cfg.get("overwrite"))
     if cfg.out_dir:
         check_target(Path(cfg.out_dir), run_dir, overwrite)
