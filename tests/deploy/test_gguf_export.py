@@ -5,6 +5,8 @@ running base + adapter matches torch on the same tokens."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,39 @@ def test_llamacpp_runs_base_and_adapter_like_torch(exported):
         ours, _ = block_nll(h, W, tokens)
         ref, _ = block_nll(h_torch, W, tokens)
         assert abs(ours - ref) / 47 < 2e-3
+
+
+def test_export_stage_writes_every_budget_of_a_coalora_gguf_run(tmp_path):
+    """train.py (CoA-LoRA, method.init=lpq, GGUF space) → export.py format=gguf quant.budgets:
+    each configuration's base holds the run's allocated types and the restored model's weights."""
+    from support import TINY_LM, run_entry
+
+    from coalora.stages.restore import load_run
+
+    run = tmp_path / "run"
+    args = [*TINY_LM, "method=coalora", "method.init=lpq", "quant.space.kind=gguf",
+            "method.pool={start:4.6,stop:8.0,step:0.4}", "method.eval_budgets=[5.0,6.0]",
+            "trainer.max_steps=2", f"hydra.run.dir={run}"]  # fmt: skip
+    proc = run_entry("train.py", args, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "gguf"
+    export = [f"ckpt={run}", "format=gguf", "quant.budgets=[5.0,6.0]", f"out_dir={out}",
+              f"hydra.run.dir={tmp_path / 'export'}"]  # fmt: skip
+    proc = run_entry("export.py", export, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = read_gguf_manifest(out)
+    assert sorted(manifest["configurations"]) == ["5", "6"]
+    restored = load_run(run, cache_dir=tmp_path / "cache")
+    model, method = restored.lit.model, restored.lit.method
+    tn = TensorNames("llama", model.config)
+    for label, record in manifest["configurations"].items():
+        config = json.loads((out / record["config"]).read_text())
+        allocated = restored.lit.ctx.allocations(model, [float(label)])[float(label)].config
+        assert allocated.to_dict() == config  # the run's recorded allocation at that budget
+        method.adapt(model, allocated)
+        read = tensors(out / record["base"])
+        for name in method.names:
+            gname = tn.name(f"{name}.weight")
+            assert read[gname].tensor_type.name == config["layers"][name]["gguf"]
+            got = tn.from_gguf(gname, dequantized(read[gname]))
+            assert torch.equal(got, base_linear(model, name).weight.float())  # W − L, quantized
