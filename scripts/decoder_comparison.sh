@@ -9,6 +9,11 @@
 #
 #   scripts/decoder_comparison.sh lora qlora_b3.0 coalora_s42      # named runs, in this order
 #   scripts/decoder_comparison.sh --list                            # the run names
+#   scripts/decoder_comparison.sh coalora_lpq_x4_s42 shared_lora_zero_x4_s42
+#
+# A multi-configuration run name may carry the shared initialisation after the method
+# (`_zero`, `_lpq`, `_lq` -> method.init=..., docs/methods.md "Quantization-aware
+# initialisation"); without it the method's default applies.
 #
 # A run whose $RESULTS/<name>/results.json exists is skipped (so a queue can be resumed).
 # Env: OUT [outputs/decoder_comparison]  RESULTS [docs/results/decoder_smollm2]
@@ -39,6 +44,13 @@ overrides() {  # run name -> its Hydra overrides (one per line)
   local name=$1 seed=42
   case $name in *_s[0-9]*) seed=${name##*_s} ;; esac
   printf '%s\n' "seed=$seed"
+  local init
+  for init in zero lpq lq; do  # <method>_<init>_...: the shared initialisation
+    case $name in
+      shared_lora_${init}_* | shared_lora_evalonly_${init}_* | coalora_${init}_*)
+        echo "method.init=$init"; name=${name/_${init}_/_}; break ;;
+    esac
+  done
   # <method>_x4_s<seed>: 4x the steps, the compute of the four per-budget runs together
   local steps=$STEPS
   case $name in *_x4_s*) steps=$((4 * STEPS)) name=${name/_x4/} ;; esac
@@ -63,7 +75,10 @@ if [[ "${1:-}" == --list ]]; then
   echo lora qlora_b{2.5,3.0,3.5,4.0} lq_lora_b{2.5,3.0} qwha_b{2.5,3.0} \
     shared_lora_s{42,43} shared_lora_evalonly_s{42,43} coalora_s{42,43} \
     coalora_r32_s42 shared_lora_r32_s42 coalora_x4_s42 shared_lora_x4_s42 \
-    shared_lora_evalonly_x4_s42 coalora_x4_s43 shared_lora_x4_s43 shared_lora_evalonly_x4_s43
+    shared_lora_evalonly_x4_s42 coalora_x4_s43 shared_lora_x4_s43 shared_lora_evalonly_x4_s43 \
+    lq_lora_b{3.5,4.0} qwha_b{3.5,4.0} \
+    {coalora,shared_lora}_{zero,lpq,lq}_x4_s{42,43} {coalora,shared_lora}_{zero,lpq,lq}_s{42,43} \
+    {coalora,shared_lora}_{zero,lpq,lq}_r32_s42
   exit 0
 fi
 
