@@ -1,7 +1,7 @@
 """CoA-LoRA's configuration-aware mapper (arXiv 2509.25214, §3.2).
 
-Per target layer l the inputs are the five QuantConfig fields of its configuration c_l, its block
-index and its module type. Each is embedded (width ``emb_dim``), concatenated, then
+Per target layer l the inputs are the fields of its configuration c_l (the five NF fields, or the
+GGUF type in a GGUF space, docs/gguf.md), its block index and its module type. Each is embedded (width ``emb_dim``), concatenated, then
 LayerNorm -> Linear -> SiLU -> Linear(r*r) gives U_l, and the adapter uses
 ``M_l = I + gamma * U_l``:  ΔW_l = s · B_l M_l A_l. The last Linear starts near zero (std 1e-3,
 bias 0), so training starts from plain LoRA. All layers are computed in one batched call.
@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: order of the index columns fed to the mapper
+#: order of the index columns fed to the mapper in the NF space (a GGUF space: gguf, position, module)
 FIELDS = ("bits", "bits0", "dtype1", "block0", "block1", "position", "module")
+STATIC = ("position", "module")
 
 
 class ConfigMapper(nn.Module):
@@ -27,12 +28,17 @@ class ConfigMapper(nn.Module):
         gamma_init: float = 1.0,
     ) -> None:
         super().__init__()
-        missing = [f for f in FIELDS if f not in field_sizes]
-        if missing:
-            raise ValueError(f"ConfigMapper needs sizes for {missing}")
+        # the columns, in the order given: the space's fields, then position and module
+        self.fields = tuple(field_sizes)
+        missing = [f for f in STATIC if f not in field_sizes]
+        if missing or self.fields[-2:] != STATIC or len(self.fields) < 3:
+            raise ValueError(
+                f"ConfigMapper needs sizes for the configuration fields, then {list(STATIC)}; "
+                f"got {list(self.fields)}"
+            )
         self.rank = rank
-        self.embeddings = nn.ModuleList(nn.Embedding(field_sizes[f], emb_dim) for f in FIELDS)
-        d = emb_dim * len(FIELDS)
+        self.embeddings = nn.ModuleList(nn.Embedding(field_sizes[f], emb_dim) for f in self.fields)
+        d = emb_dim * len(self.fields)
         self.norm = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, hidden)
         self.act = nn.SiLU()
@@ -43,7 +49,7 @@ class ConfigMapper(nn.Module):
         self.register_buffer("eye", torch.eye(rank), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx`` (L, 7) long (columns in FIELDS order) -> mixing matrices M (L, r, r)."""
-        z = torch.cat([emb(idx[:, i]) for i, emb in enumerate(self.embeddings)], dim=-1)  # (L, 56)
+        """``idx`` (L, F) long (columns in ``self.fields`` order) -> mixing matrices M (L, r, r)."""
+        z = torch.cat([emb(idx[:, i]) for i, emb in enumerate(self.embeddings)], dim=-1)  # (L, F*e)
         u = self.fc2(self.act(self.fc1(self.norm(z))))  # (L, r*r)
         return self.eye + self.gamma * u.view(-1, self.rank, self.rank)  # (L, r, r)

@@ -30,15 +30,11 @@ class CoALoRA(MultiConfigMethod):
         types = sorted(set(ctx.module_types))
         positions = list(ctx.positions)
         m = self.cfg.mapper
-        sizes = {
-            "bits": len(self.space.bits),
-            "bits0": len(self.space.bits0),
-            "dtype1": len(self.space.dtype1),
-            "block0": len(self.space.block0),
-            "block1": len(self.space.block1),
-            "position": max(int(ctx.num_layers), max(positions) + 1),
-            "module": len(types),
-        }
+        # one embedding per field of the space (the five NF fields, or the GGUF type), then the
+        # layer's block index and module type (arXiv 2509.25214 §3.2)
+        sizes = {f: len(getattr(self.space, f)) for f in self.space.fields}
+        sizes["position"] = max(int(ctx.num_layers), max(positions) + 1)
+        sizes["module"] = len(types)
         torch.manual_seed(int(ctx.seed))
         self.mapper = ConfigMapper(
             sizes,
@@ -62,8 +58,8 @@ class CoALoRA(MultiConfigMethod):
         hit = self._index_cache.get(id(config))
         if hit is not None and hit[0] is config:
             return hit[1]
-        fields = torch.tensor([self.space.index(config[n]) for n in self.names])  # (L, 5)
-        idx = torch.cat([fields, self._static], dim=1)  # (L, 7)
+        fields = torch.tensor([self.space.index(config[n]) for n in self.names])  # (L, F)
+        idx = torch.cat([fields, self._static], dim=1)  # (L, F + 2)
         if len(self._index_cache) > 4096:
             self._index_cache.clear()
         self._index_cache[id(config)] = (config, idx)

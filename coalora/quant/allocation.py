@@ -81,18 +81,23 @@ def allocate(
             f"min achievable {lo:.4f}, max achievable {hi:.4f}"
         )
     costs = table.costs.numpy()
+    allowed = table.allowed().numpy()
     if solver == "exact":
         # exact integers: storage bits are dyadic rationals, numels integers (mckp.integer_weights)
         item, cap = integer_weights(
             np.array(table.numels, dtype=np.float64)[:, None] * table.storage_bits()[None, :],
             max(float(budget), lo) * float(sum(table.numels)),
         )
+        costs, item = _mask_disallowed(costs, item, allowed)
         choice, info = solve_mckp_exact(costs, item, cap, return_info=True)
     else:
         numels = np.array(table.numels, dtype=np.float64)
         item = numels[:, None] * table.storage_bits()[None, :] / numels.sum()  # (N, K) bit share
+        costs, item = _mask_disallowed(costs, item, allowed)
         solve = solve_mckp_milp if solver == "milp" else solve_mckp_lagrangian
         choice, info = solve(costs, item, max(float(budget), lo), return_info=True)
+    if not allowed[np.arange(len(choice)), choice].all():
+        raise RuntimeError("allocation picked an option a layer cannot take")
     config = ModelQuantConfig(
         {n: table.options[k] for n, k in zip(table.names, choice)},
         dict(zip(table.names, table.numels)),
@@ -100,6 +105,22 @@ def allocate(
     if config.average_bits() > budget + 1e-9:
         raise RuntimeError(f"allocation exceeds the budget: {config.average_bits()} > {budget}")
     return (config, info) if return_info else config
+
+
+def _mask_disallowed(
+    costs: np.ndarray, item: np.ndarray, allowed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Make every disallowed (layer, option) strictly dominated, so no solver picks it: it weighs
+    as much as the layer's heaviest allowed option and costs more than any allowed one. (The
+    solvers take finite arrays; the table stores +inf there.)"""
+    if allowed.all():
+        return costs, item
+    costs, item = costs.copy(), item.copy()
+    heavy = np.where(allowed, item, item.min()).max(axis=1, keepdims=True)  # (N, 1)
+    worst = np.where(allowed, costs, -np.inf).max(axis=1, keepdims=True)  # (N, 1)
+    costs = np.where(allowed, costs, worst + np.abs(worst) + 1.0)
+    item = np.where(allowed, item, heavy).astype(item.dtype)
+    return costs, item
 
 
 def allocation_path(

@@ -24,6 +24,7 @@ import torch
 
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_json
+from coalora.quant.gguf_space import GGUFOption, GGUFSpace
 
 DTYPE1: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -141,8 +142,12 @@ class QuantSpace:
     """The per-layer option lists; defaults are the 432-option grid (docs/quantization.md).
 
     Numeric lists are kept sorted ascending and dtype1 in the order bf16, fp16, fp32, so ordinals
-    (``index``) are monotone in the value.
+    (``index``) are monotone in the value. ``kind``/``fields`` are what code generic over spaces
+    reads (``coalora.quant.gguf_space.GGUFSpace`` is the other kind).
     """
+
+    kind = "nf"
+    fields = FIELDS
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
     bits0: tuple[int, ...] = (2, 3, 4, 8)
@@ -211,6 +216,10 @@ class QuantSpace:
             vals.append(allowed[i])
         return QuantConfig(*vals)
 
+    def allowed_for(self, in_features: int) -> list[QuantConfig]:
+        """Every option: NF blocks run over the flattened weight, any row length works."""
+        return list(self._options)
+
     def min_bits(self) -> float:
         return min(qc.storage_bits() for qc in self._options)
 
@@ -226,25 +235,59 @@ class QuantSpace:
         return {f: list(getattr(self, f)) for f in FIELDS}
 
     @classmethod
-    def from_cfg(cls, cfg: Any, prefix: str = "quant.space") -> QuantSpace:
-        """From a mapping / DictConfig with any of the five option lists (missing = default)."""
+    def from_cfg(cls, cfg: Any, prefix: str = "quant.space") -> QuantSpace | GGUFSpace:
+        """From a mapping / DictConfig with any of the five option lists (missing = default).
+
+        ``kind: gguf`` returns a ``GGUFSpace`` of the types listed under ``gguf`` (default: all
+        supported); ``kind: nf`` (default) reads the NF lists and ignores ``gguf``.
+        """
         if cfg is None:
             return cls()
-        unknown = [k for k in cfg if k not in FIELDS]
+        unknown = [k for k in cfg if k not in (*FIELDS, "kind", "gguf")]
         if unknown:
-            raise ConfigError(f"{prefix} has unknown key(s) {unknown}; allowed: {list(FIELDS)}")
+            raise ConfigError(
+                f"{prefix} has unknown key(s) {unknown}; allowed: {[*FIELDS, 'kind', 'gguf']}"
+            )
+        kind = cfg.get("kind") or "nf"
+        if kind not in SPACE_KINDS:
+            raise ConfigError(f"{prefix}.kind={kind!r} is not allowed; allowed: {SPACE_KINDS}")
+        if kind == "gguf":
+            types = cfg.get("gguf")
+            try:
+                return GGUFSpace() if types is None else GGUFSpace(tuple(types))
+            except ConfigError as e:
+                raise ConfigError(str(e).replace("quant.space", prefix)) from None
         kwargs = {}
         for name in FIELDS:
             if name in cfg and cfg[name] is not None:
-                kind = str if name == "dtype1" else int
+                value_type = str if name == "dtype1" else int
                 try:
-                    kwargs[name] = _option_list(cfg[name], name, kind)
-                    if kind is int:
+                    kwargs[name] = _option_list(cfg[name], name, value_type)
+                    if value_type is int:
                         for v in kwargs[name]:  # validate through QuantConfig's field ranges
                             QuantConfig(**{**NF4.to_dict(), name: v})
                 except ConfigError as e:
                     raise ConfigError(f"{prefix}.{e}") from None
         return cls(**kwargs)
+
+
+SPACE_KINDS = ["nf", "gguf"]
+LayerOption = QuantConfig | GGUFOption  # what a configuration assigns to one layer
+
+
+def option_from_dict(d: Mapping[str, Any], prefix: str = "") -> LayerOption:
+    """A layer option from its dict form: ``{"gguf": "Q4_K"}`` or the five NF fields."""
+    if "gguf" in d:
+        try:
+            return GGUFOption(d["gguf"])
+        except ConfigError as e:
+            raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+    return QuantConfig.from_dict(d, prefix=prefix)
+
+
+def option_from_key(key: str) -> LayerOption:
+    """Inverse of ``option.key`` for both kinds (``b4-b08-…`` or ``gguf-Q4_K``)."""
+    return GGUFOption.from_key(key) if key.startswith("gguf-") else QuantConfig.from_key(key)
 
 
 class ModelQuantConfig(Mapping):
@@ -262,8 +305,10 @@ class ModelQuantConfig(Mapping):
             n: _as_int(numels[n], f"numels[{n!r}]") for n in self.configs
         }
         for name, qc in self.configs.items():
-            if not isinstance(qc, QuantConfig):
-                raise TypeError(f"config for {name!r} is {type(qc).__name__}, not QuantConfig")
+            if not isinstance(qc, (QuantConfig, GGUFOption)):
+                raise TypeError(
+                    f"config for {name!r} is {type(qc).__name__}, not QuantConfig or GGUFOption"
+                )
             if self.numels[name] <= 0:
                 raise ValueError(f"numels[{name!r}]={self.numels[name]} must be positive")
 
@@ -338,7 +383,7 @@ class ModelQuantConfig(Mapping):
             if "numel" not in entry:
                 raise ValueError(f"{source}: key {key}.numel is missing")
             try:
-                configs[name] = QuantConfig.from_dict(entry, prefix=key)
+                configs[name] = option_from_dict(entry, prefix=key)
                 numels[name] = _as_int(entry["numel"], f"{key}.numel")
             except ConfigError as e:
                 raise ValueError(f"{source}: {e}") from None
@@ -364,4 +409,18 @@ class ModelQuantConfig(Mapping):
         return cls.from_dict(data, source=str(path))
 
 
-__all__ = ["DTYPE1", "FIELDS", "NF3", "NF4", "ModelQuantConfig", "QuantConfig", "QuantSpace"]
+__all__ = [
+    "DTYPE1",
+    "FIELDS",
+    "NF3",
+    "NF4",
+    "SPACE_KINDS",
+    "GGUFOption",
+    "GGUFSpace",
+    "LayerOption",
+    "ModelQuantConfig",
+    "QuantConfig",
+    "QuantSpace",
+    "option_from_dict",
+    "option_from_key",
+]

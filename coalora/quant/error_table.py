@@ -1,7 +1,9 @@
 """Error tables for budget allocation: the error of every (layer, option) pair, cached on disk.
 
 costs[i, c] = ‖D ⊙ (W_i − Ŵ_i(c))‖²_F with D = √Fisher (or 1) and Ŵ = fake quantization, or a
-caller's residual function (decomposition-aware errors of LQ-LoRA, arXiv 2311.12023). Tables
+caller's residual function (decomposition-aware errors of LQ-LoRA, arXiv 2311.12023). An option a
+layer cannot take (a GGUF type whose block does not divide the layer's rows, docs/gguf.md) costs
++inf: ``allowed()`` is the finite mask, and the average-bit range counts only allowed options. Tables
 are saved as safetensors (atomic write) keyed by model name, space hash and kind, and carry a
 fingerprint of the weights, so a cached table never serves other weights, and a SHA-256 of their
 content, so a truncated or edited file is detected, reported and rebuilt (docs/reliability.md).
@@ -13,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -27,12 +30,20 @@ from torch import Tensor
 
 from coalora.cachefile import get_or_compute, parse_safetensors
 from coalora.io import atomic_write_bytes
-from coalora.quant.config import QuantConfig, QuantSpace
-from coalora.quant.nf import quantization_errors
+from coalora.quant.config import LayerOption, QuantConfig, QuantSpace, option_from_key
+from coalora.quant.nf import fake_quantize, quantization_errors
 
 log = logging.getLogger(__name__)
 
 TABLE_VERSION = "1"
+
+
+def _row_min(x: Tensor) -> Tensor:
+    return x.min(dim=1).values
+
+
+def _row_max(x: Tensor) -> Tensor:
+    return x.max(dim=1).values
 
 
 @dataclass
@@ -41,8 +52,8 @@ class ErrorTable:
 
     names: list[str]
     numels: list[int]
-    options: list[QuantConfig]
-    costs: Tensor  # (N, K) float64
+    options: list[LayerOption]
+    costs: Tensor  # (N, K) float64; +inf = the layer cannot take the option
     kind: str = "mse"
     fingerprint: str = ""
 
@@ -53,17 +64,32 @@ class ErrorTable:
             raise ValueError(f"costs has shape {tuple(self.costs.shape)}; expected ({n}, {k})")
         if len(self.numels) != n:
             raise ValueError(f"{len(self.numels)} numels for {n} layers")
-        if not bool(torch.isfinite(self.costs).all()):
-            raise ValueError("error table has non-finite costs")
+        if bool(torch.isnan(self.costs).any()) or bool((self.costs == -math.inf).any()):
+            raise ValueError("error table has NaN or -inf costs")
+        if n and not bool(self.allowed().any(dim=1).all()):
+            bad = [self.names[i] for i in (~self.allowed().any(dim=1)).nonzero()[:, 0].tolist()]
+            raise ValueError(f"error table: no option allowed for layer(s) {bad[:3]}")
+
+    def allowed(self) -> Tensor:
+        """(N, K) bool: the options each layer can take (a finite cost)."""
+        return torch.isfinite(self.costs)
 
     def storage_bits(self) -> np.ndarray:
         return np.array([qc.storage_bits() for qc in self.options])  # (K,)
 
+    def _average_bits(self, pick) -> float:
+        bits = torch.as_tensor(self.storage_bits(), dtype=torch.float64)[None, :]  # (1, K)
+        inf = torch.full_like(self.costs, math.inf)
+        per_layer = pick(torch.where(self.allowed(), bits, inf if pick is _row_min else -inf))
+        numels = torch.tensor(self.numels, dtype=torch.float64)
+        return float((per_layer * numels).sum() / numels.sum())
+
     def min_average_bits(self) -> float:
-        return float(self.storage_bits().min())
+        """Average bits when every layer takes its lightest allowed option."""
+        return self._average_bits(_row_min)
 
     def max_average_bits(self) -> float:
-        return float(self.storage_bits().max())
+        return self._average_bits(_row_max)
 
     def restrict(self, space: QuantSpace) -> ErrorTable:
         """The columns of ``space``'s options, in its order (raises if one is missing)."""
@@ -133,7 +159,7 @@ class ErrorTable:
             table = cls(
                 names=json.loads(meta["names"]),
                 numels=[int(n) for n in tensors["numels"].tolist()],
-                options=[QuantConfig.from_key(k) for k in json.loads(meta["options"])],
+                options=[option_from_key(k) for k in json.loads(meta["options"])],
                 costs=tensors["costs"],
                 kind=meta["kind"],
                 fingerprint=meta.get("fingerprint", ""),
@@ -234,11 +260,15 @@ def _error_row(name, W, options, fisher, residual_fn) -> Tensor:
             raise ValueError(
                 f"fisher[{name!r}] has shape {tuple(F.shape)}; weight has {tuple(W.shape)}"
             )
-    if residual_fn is None:
+    if residual_fn is None and all(isinstance(qc, QuantConfig) for qc in options):
         return quantization_errors(W, options, F)
+    residual_fn = residual_fn or fake_quantize
     Wf = W.detach().to(torch.float32)
     row = torch.empty(len(options), dtype=torch.float64)
     for k, qc in enumerate(options):
+        if hasattr(qc, "allows") and not qc.allows(W.shape[-1]):
+            row[k] = math.inf  # the row rule: the allocation never picks it
+            continue
         err = (Wf - residual_fn(Wf, qc).to(torch.float32)).square()
         row[k] = (err if F is None else err * F).sum(dtype=torch.float64)
     return row

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from coalora.errors import CoaloraError
-from coalora.quant.config import QuantConfig
+from coalora.quant.config import GGUFOption, LayerOption, QuantConfig
+from coalora.quant.gguf_space import GGUFPacked
 from coalora.quant.nf import fake_quantize, quantize_nf
 from coalora.quant.packing import (
     PackedTensor,
@@ -35,13 +36,13 @@ from coalora.quant.packing import (
     packed_linear,
 )
 
-Entry = Tensor | PackedTensor
+Entry = Tensor | PackedTensor | GGUFPacked
 KEEP_ORIGINAL = ("device", "cpu", "drop")  # where ``freeze`` leaves the full-precision weight
 
 
 def entry_nbytes(entry: Entry) -> int:
     """Resident bytes of a cache entry (a packed entry counts codes, scales, constants, offset)."""
-    if isinstance(entry, PackedTensor):
+    if isinstance(entry, (PackedTensor, GGUFPacked)):
         return entry.nbytes()
     return entry.numel() * entry.element_size()
 
@@ -191,7 +192,7 @@ class QuantLinear(nn.Module):
         here; ``coalora.quant.residual`` subtracts the low-rank part its adapter carries."""
         return self._original()
 
-    def _dequantized(self, qc: QuantConfig) -> Tensor:
+    def _dequantized(self, qc: LayerOption) -> Tensor:
         pinned = self._pinned.get(qc)
         if isinstance(pinned, Tensor):
             return pinned
@@ -204,7 +205,7 @@ class QuantLinear(nn.Module):
             self.cache.put(key, w)
         return w
 
-    def packed_entry(self, qc: QuantConfig) -> PackedTensor:
+    def packed_entry(self, qc: LayerOption) -> PackedTensor | GGUFPacked:
         """The packed form of this layer's weight under ``qc`` (pinned, cached, or quantized now)."""
         pinned = self._pinned.get(qc)
         if isinstance(pinned, PackedTensor):
@@ -213,15 +214,27 @@ class QuantLinear(nn.Module):
         p = self.cache.get(key) if self.cache.storage == "packed" else None
         if p is None:
             with torch.no_grad():
-                p = pack_quantized(quantize_nf(self._source(), qc))
+                src = self._source()
+                p = (
+                    qc.pack(src)
+                    if isinstance(qc, GGUFOption)
+                    else pack_quantized(quantize_nf(src, qc))
+                )
             if self.cache.storage == "packed":
                 self.cache.put(key, p)
         return p
 
-    def set_config(self, qc: QuantConfig | None) -> None:
+    def set_config(self, qc: LayerOption | None) -> None:
         """Switch to ``qc`` (None = full precision); a cache lookup after the first use."""
-        if qc is not None and not isinstance(qc, QuantConfig):
-            raise TypeError(f"{self.name}: expected QuantConfig or None, got {type(qc).__name__}")
+        if qc is not None and not isinstance(qc, (QuantConfig, GGUFOption)):
+            raise TypeError(
+                f"{self.name}: expected QuantConfig, GGUFOption or None, got {type(qc).__name__}"
+            )
+        if isinstance(qc, GGUFOption) and not qc.allows(self.in_features):
+            raise CoaloraError(
+                f"{self.name}: GGUF type {qc.type} needs rows that hold whole blocks; this layer "
+                f"has {self.in_features} inputs"
+            )
         if qc is None:
             self._original()  # raises if the original was dropped
             self._weight = self._packed = None

@@ -249,7 +249,12 @@ def dequantize_nf(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Ten
 
 
 def fake_quantize(W: Tensor, qc: QuantConfig) -> Tensor:
-    """Quantize-dequantize ``W`` with ``qc``; same shape, dtype and device as ``W``."""
+    """Quantize-dequantize ``W`` with ``qc``; same shape, dtype and device as ``W``.
+
+    A GGUF option (``coalora.quant.gguf_space.GGUFOption``) quantizes through its own codec.
+    """
+    if not isinstance(qc, QuantConfig):
+        return qc.fake_quantize(W)
     A3, n = _blocks(W, qc.block0, qc.block1)  # (G, B1, B0)
     *_, scales = _double_quantize(_absmax(A3), -(-n // qc.block0), qc)
     out = torch.empty(A3.shape, dtype=torch.float32, device=A3.device)

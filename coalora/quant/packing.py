@@ -231,8 +231,11 @@ def dequantize_packed(p: PackedTensor, dtype: torch.dtype = torch.float32) -> Te
     """The dequantized weight of ``p`` in its original shape, ``dtype``, on ``p``'s device.
 
     Bit-identical to ``fake_quantize`` of the weight ``p`` was packed from (same float32 scales
-    and products), cast to ``dtype`` last.
+    and products), cast to ``dtype`` last. A GGUF entry (``coalora.quant.gguf_space.GGUFPacked``)
+    decodes its blocks.
     """
+    if not isinstance(p, PackedTensor):
+        return p.dequantize(dtype)
     qc = p.qc
     G = p.s2.numel()
     n_pad = p.padded_numel

@@ -2,7 +2,8 @@
 
 A ConfigSet holds the target layer names (in ``named_modules()`` order), their parameter counts,
 the option lists of the searched space, and entries: one configuration each (per-layer
-``[bits, bits0, dtype1, block0, block1]`` aligned with ``layer_names``), its average bits, its
+``[bits, bits0, dtype1, block0, block1]`` aligned with ``layer_names``, or ``[type]`` in a GGUF
+space, whose ``space`` is ``{"gguf": [types]}``), its average bits, its
 objective values, whether segmented Pareto selection kept it, and where it came from
 (``"allocation@3.0"``, ``"search/iter3"``, ``"random"``). Provenance records git sha, seed, model,
 task, creation time and command.
@@ -25,11 +26,12 @@ from typing import Any
 
 from coalora.errors import ConfigError
 from coalora.io import atomic_write_text, compact_json, read_json
-from coalora.quant.config import ModelQuantConfig, QuantConfig, QuantSpace
+from coalora.quant.config import GGUFOption, LayerOption, ModelQuantConfig, QuantConfig, QuantSpace
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 FIELDS: tuple[str, ...] = ("bits", "bits0", "dtype1", "block0", "block1")
+GGUF_FIELDS: tuple[str, ...] = ("gguf",)
 TOP_KEYS = ("schema_version", "layer_names", "numels", "space", "entries", "provenance")
 ENTRY_KEYS = ("id", "options", "avg_bits", "objectives", "pareto", "source")
 AVG_BITS_TOL = 1e-6
@@ -98,7 +100,8 @@ class ConfigSet:
         return [self.entry_config(e) for e in self.entries]
 
     def entry_config(self, entry: ConfigEntry) -> ModelQuantConfig:
-        layers = {n: QuantConfig(*opts) for n, opts in zip(self.layer_names, entry.options)}
+        fields = _fields_of(self.space)
+        layers = {n: _option(fields, opts) for n, opts in zip(self.layer_names, entry.options)}
         return ModelQuantConfig(layers, numels=dict(self.numels))
 
     @classmethod
@@ -133,7 +136,7 @@ class ConfigSet:
                     f"configuration {i} layer names differ from configuration 0: "
                     f"{_name_diff(list(c.keys()), names)}"
                 )
-            options = [[getattr(qc, f) for f in FIELDS] for qc in c.values()]
+            options = [list(qc.as_tuple()) for qc in c.values()]
             entries.append(
                 ConfigEntry(
                     id=ids[i] if ids is not None else f"c{i:04d}",
@@ -189,10 +192,19 @@ def make_provenance(
 
 
 # ---------------------------------------------------------------- validation
+def _fields_of(opts: dict[str, list]) -> tuple[str, ...]:
+    """The per-layer fields of a stored space: ``("gguf",)`` for a GGUF space, else the NF five."""
+    return GGUF_FIELDS if isinstance(opts, dict) and set(opts) == set(GGUF_FIELDS) else FIELDS
+
+
+def _option(fields: tuple[str, ...], row: Sequence) -> LayerOption:
+    return GGUFOption(row[0]) if fields == GGUF_FIELDS else QuantConfig(*row)
+
+
 def _space_dict(space: QuantSpace | dict[str, list]) -> dict[str, list]:
     if isinstance(space, dict):
-        return {f: list(space[f]) for f in FIELDS}
-    return {f: list(getattr(space, f)) for f in FIELDS}
+        return {f: list(space[f]) for f in _fields_of(space)}
+    return {f: list(getattr(space, f)) for f in space.fields}
 
 
 def _short(items: list, limit: int = 8) -> str:
@@ -211,7 +223,8 @@ def _name_diff(found: Sequence[str], expected: Sequence[str]) -> str:
 
 def _average_bits(options: list[list], names: Sequence[str], numels: dict[str, int]) -> float:
     total = sum(numels[n] for n in names)
-    weighted = sum(QuantConfig(*o).storage_bits() * numels[n] for n, o in zip(names, options))
+    fields = GGUF_FIELDS if options and len(options[0]) == 1 else FIELDS
+    weighted = sum(_option(fields, o).storage_bits() * numels[n] for n, o in zip(names, options))
     return weighted / total
 
 
@@ -268,19 +281,26 @@ def _validate(
         raise ConfigError(f"{where}: 'numels' must be positive integers; bad for {_short(bad)}")
 
     opts = data["space"]
-    if not isinstance(opts, dict) or set(opts) != set(FIELDS):
+    fields = _fields_of(opts)
+    if not isinstance(opts, dict) or set(opts) != set(fields):
         got = sorted(opts) if isinstance(opts, dict) else type(opts).__name__
         raise ConfigError(
-            f"{where}: 'space' must have exactly the option lists {list(FIELDS)}, got {got}"
+            f"{where}: 'space' must have exactly the option lists {list(FIELDS)} (or "
+            f"{list(GGUF_FIELDS)} for a GGUF space), got {got}"
         )
-    for f in FIELDS:
+    for f in fields:
         if not isinstance(opts[f], list) or not opts[f]:
             raise ConfigError(
                 f"{where}: space field {f!r} must be a non-empty list, got {opts[f]!r}"
             )
     if space is not None:
         allowed = _space_dict(space)
-        for f in FIELDS:
+        if set(allowed) != set(fields):
+            raise ConfigError(
+                f"{where}: its space has fields {list(fields)} but the model's space has "
+                f"{list(allowed)} (quant.space.kind)"
+            )
+        for f in fields:
             outside = [v for v in opts[f] if v not in allowed[f]]
             if outside:
                 raise ConfigError(
@@ -315,7 +335,7 @@ def _validate(
         schema_version=version,
         layer_names=order,
         numels={n: numels[n] for n in order},
-        space={f: list(opts[f]) for f in FIELDS},
+        space={f: list(opts[f]) for f in fields},
         entries=entries,
         provenance=dict(prov),
     )
@@ -350,19 +370,20 @@ def _validate_entry(
         n = len(raw) if isinstance(raw, list) else type(raw).__name__
         raise ConfigError(f"{where}: {label}: 'options' must list {len(names)} layers, got {n}")
     options = []
+    fields = _fields_of(opts)
     for name, layer in zip(names, raw):
         if isinstance(layer, dict):
-            if set(layer) != set(FIELDS):
+            if set(layer) != set(fields):
                 raise ConfigError(
-                    f"{where}: {label} layer {name!r}: fields {sorted(layer)}, expected {list(FIELDS)}"
+                    f"{where}: {label} layer {name!r}: fields {sorted(layer)}, expected {list(fields)}"
                 )
-            layer = [layer[f] for f in FIELDS]
-        if not isinstance(layer, list) or len(layer) != len(FIELDS):
+            layer = [layer[f] for f in fields]
+        if not isinstance(layer, list) or len(layer) != len(fields):
             raise ConfigError(
-                f"{where}: {label} layer {name!r}: expected {list(FIELDS)} values, got {layer!r}"
+                f"{where}: {label} layer {name!r}: expected {list(fields)} values, got {layer!r}"
             )
         row = []
-        for f, v in zip(FIELDS, layer):
+        for f, v in zip(fields, layer):
             matches = [a for a in opts[f] if a == v and type(a) is type(v)] or [
                 a for a in opts[f] if _is_int(a) and isinstance(v, float) and a == v
             ]

@@ -9,6 +9,11 @@ fields are taken from a ``template`` configuration on decode.
 
 Bounds are ``[0, len(options) - 1]`` per dimension, from the option lists and never from the data
 (the reference code's data min/max gave 0/0 on constant dimensions).
+
+The fields are the space's (``space.fields``): the five NF fields, or ``gguf`` (one ordinal per
+layer, types ordered by bits per weight) in a GGUF space. There a decoded type a layer's rows
+cannot hold (docs/gguf.md, the row rule) is replaced by the allowed type nearest in bits per
+weight (the heavier one on a tie), given the layers' ``in_features``.
 """
 
 from __future__ import annotations
@@ -26,18 +31,18 @@ FIELDS: tuple[str, ...] = ("bits", "bits0", "dtype1", "block0", "block1")
 
 
 def space_options(space: QuantSpace) -> dict[str, list]:
-    """The option list of every field, in `FIELDS` order."""
-    return {f: list(getattr(space, f)) for f in FIELDS}
+    """The option list of every field, in the space's field order."""
+    return {f: list(getattr(space, f)) for f in space.fields}
 
 
 def active_fields(space: QuantSpace, fields: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The encoded fields: ``fields`` (default all) minus single-option fields, in `FIELDS` order."""
+    """The encoded fields: ``fields`` (default all) minus single-option fields, in field order."""
     if fields is None:
-        fields = FIELDS
-    unknown = [f for f in fields if f not in FIELDS]
+        fields = space.fields
+    unknown = [f for f in fields if f not in space.fields]
     if unknown:
-        raise ConfigError(f"unknown search field(s) {unknown}; allowed: {list(FIELDS)}")
-    return tuple(f for f in FIELDS if f in fields and len(getattr(space, f)) > 1)
+        raise ConfigError(f"unknown search field(s) {unknown}; allowed: {list(space.fields)}")
+    return tuple(f for f in space.fields if f in fields and len(getattr(space, f)) > 1)
 
 
 def cardinalities(space: QuantSpace, n_layers: int, fields: Sequence[str] | None = None) -> Tensor:
@@ -65,15 +70,15 @@ def unnormalize(X: Tensor, bounds: Tensor) -> Tensor:
     return torch.minimum(torch.maximum(x.round(), lo), hi).long()
 
 
-def _field_positions(fields: tuple[str, ...]) -> list[int]:
-    return [FIELDS.index(f) for f in fields]
+def _field_positions(fields: tuple[str, ...], space: QuantSpace) -> list[int]:
+    return [space.fields.index(f) for f in fields]
 
 
 def encode(
     config: ModelQuantConfig, space: QuantSpace, fields: Sequence[str] | None = None
 ) -> Tensor:
     """(n_layers * k,) long vector of option indices, layer-major, in the config's layer order."""
-    pos = _field_positions(active_fields(space, fields))
+    pos = _field_positions(active_fields(space, fields), space)
     rows = []
     for name, qc in config.items():
         try:
@@ -91,10 +96,12 @@ def decode(
     fields: Sequence[str] | None = None,
     numels: dict[str, int] | None = None,
     template: ModelQuantConfig | None = None,
+    in_features: dict[str, int] | None = None,
 ) -> ModelQuantConfig:
-    """Inverse of `encode`. Non-encoded fields come from their single option, else ``template``."""
+    """Inverse of `encode`. Non-encoded fields come from their single option, else ``template``;
+    with ``in_features`` every layer keeps to the options its rows allow (`nearest_allowed`)."""
     active = active_fields(space, fields)
-    pos = _field_positions(active)
+    pos = _field_positions(active, space)
     k = len(active)
     x = torch.as_tensor(x, dtype=torch.long).flatten()
     if x.numel() != k * len(names):
@@ -103,7 +110,7 @@ def decode(
             f"{list(active)} = {k * len(names)}"
         )
     opts = space_options(space)
-    fixed = [f for f in FIELDS if f not in active and len(opts[f]) > 1]
+    fixed = [f for f in space.fields if f not in active and len(opts[f]) > 1]
     if fixed and template is None:
         raise ConfigError(
             f"fields {fixed} have several options but are not encoded (fields={list(active)}); "
@@ -113,7 +120,7 @@ def decode(
     values = x.view(len(names), k).tolist() if k else [[] for _ in names]
     layers: dict[str, QuantConfig] = {}
     for name, row in zip(names, values):
-        base = space.index(template[name]) if template is not None else (0,) * len(FIELDS)
+        base = space.index(template[name]) if template is not None else (0,) * len(space.fields)
         full = list(base)
         for j, (p, v) in enumerate(zip(pos, row)):
             if not 0 <= v < card[j]:
@@ -122,11 +129,23 @@ def decode(
                 )
             full[p] = v
         layers[name] = space.from_index(tuple(full))
+        if in_features is not None:
+            layers[name] = nearest_allowed(layers[name], space, in_features[name])
     if numels is None:
         if template is None:
             raise ConfigError("decode needs the layers' numels (or a template configuration)")
         numels = dict(template.numels)
     return make_model_config(layers, numels)
+
+
+def nearest_allowed(option, space: QuantSpace, in_features: int):
+    """``option`` if a layer with ``in_features`` inputs can take it, else the allowed option
+    nearest in storage bits (the heavier on a tie)."""
+    allowed = space.allowed_for(in_features)
+    if option in allowed or not allowed:
+        return option
+    bits = option.storage_bits()
+    return min(allowed, key=lambda o: (abs(o.storage_bits() - bits), -o.storage_bits()))
 
 
 def make_model_config(layers: dict[str, QuantConfig], numels: dict[str, int]) -> ModelQuantConfig:
@@ -143,6 +162,7 @@ class Encoder:
     space: QuantSpace
     fields: tuple[str, ...]
     template: ModelQuantConfig | None = None
+    in_features: dict[str, int] | None = None  # the row rule of GGUF spaces (`nearest_allowed`)
 
     @classmethod
     def create(
@@ -152,11 +172,13 @@ class Encoder:
         space: QuantSpace,
         fields: Sequence[str] | None = None,
         template: ModelQuantConfig | None = None,
+        in_features: dict[str, int] | None = None,
     ) -> Encoder:
         missing = [n for n in names if n not in numels]
         if missing:
             raise ConfigError(f"numels missing for layers {missing}")
-        return cls(tuple(names), dict(numels), space, active_fields(space, fields), template)
+        active = active_fields(space, fields)
+        return cls(tuple(names), dict(numels), space, active, template, in_features)
 
     @property
     def dim(self) -> int:
@@ -177,7 +199,9 @@ class Encoder:
         return torch.stack([self.encode(c) for c in configs])
 
     def decode(self, x: Tensor | Sequence[int]) -> ModelQuantConfig:
-        return decode(x, self.names, self.space, self.fields, self.numels, self.template)
+        return decode(
+            x, self.names, self.space, self.fields, self.numels, self.template, self.in_features
+        )
 
     def normalize(self, X: Tensor) -> Tensor:
         return normalize(X, self.bounds())

@@ -133,6 +133,7 @@ def run_search(
     segments: int = 40,
     edges: Sequence[float] | None = None,
     bits_range: tuple[float, float] | None = None,
+    in_features: dict[str, int] | None = None,
 ) -> SearchResult:
     """Run ``iterations`` rounds of GP + qLogNEHVI search from ``initial_configs``.
 
@@ -166,7 +167,7 @@ def run_search(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     template = make_model_config({n: initial_configs[0][n] for n in names}, dict(numels))
-    enc = Encoder.create(names, numels, space, fields, template)
+    enc = Encoder.create(names, numels, space, fields, template, in_features)
     bounds = enc.bounds()
     if enc.dim == 0:
         raise ConfigError(
@@ -223,6 +224,9 @@ def run_search(
             if tuple(x.tolist()) in seen:  # propose_candidates already dedups; belt and braces
                 continue
             config = enc.decode(x)
+            x = enc.encode(config)  # a GGUF type a layer cannot take was replaced on decode
+            if tuple(x.tolist()) in seen:
+                continue
             try:
                 add(config, x, f"search/iter{it}", it, label)
                 n_added += 1

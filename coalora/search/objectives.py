@@ -61,6 +61,12 @@ class CalibrationObjective:
     def numels(self) -> dict[str, int]:
         return dict(self.method.numels)
 
+    @property
+    def in_features(self) -> dict[str, int] | None:
+        """Each target layer's input width (the GGUF row rule), when the base is quantized."""
+        layers = getattr(self.method, "qlayers", None) or {}
+        return {n: layer.in_features for n, layer in layers.items()} or None
+
     @torch.no_grad()
     def __call__(self, config: ModelQuantConfig) -> float:
         t0 = time.perf_counter()

@@ -85,6 +85,7 @@ def run_session(
         objective, pool, space, objective.names, objective.numels,
         seed=seed if search_seed is None else search_seed, progress=progress,
         on_iteration=on_iteration, initial_sources=list(sources), **settings.run_kwargs(),
+        in_features=getattr(objective, "in_features", None),
     )  # fmt: skip
     facts = {"reference": result.reference} if record_reference else {}
     prov = make_provenance(seed=seed, **provenance, **facts)

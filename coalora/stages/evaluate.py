@@ -15,6 +15,7 @@ import csv
 import logging
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,18 @@ def random_near(
     rng: random.Random,
     frac: float = 0.3,
     tries: int = 2000,
+    choices: Mapping[str, list] | None = None,
 ) -> ModelQuantConfig | None:
-    """A random per-layer perturbation of ``base`` whose average bits is within ``tol``."""
+    """A random per-layer perturbation of ``base`` whose average bits is within ``tol``.
+
+    ``choices`` (layer → options) restricts a layer to what it can take (the GGUF row rule);
+    default: every option of ``space``.
+    """
     names, options = list(base), space.options()
     for _ in range(tries):
         layers = dict(base.configs)
         for n in rng.sample(names, max(1, int(frac * len(names)))):
-            layers[n] = rng.choice(options)
+            layers[n] = rng.choice(choices[n] if choices is not None else options)
         cand = ModelQuantConfig(layers, base.numels)
         if abs(cand.average_bits() - budget) <= tol and cand != base:
             return cand
@@ -143,13 +149,17 @@ def _evaluate(cfg: DictConfig, run) -> dict[str, Any]:
         zero_shot = resolve_tasks(zero_shot, list(cfg.eval.get("lm_eval_include") or []))
         tokenizer = build_tokenizer(run_cfg.model)
     rng = random.Random(cfg.eval.seed)
+    qlayers = getattr(method, "qlayers", None) or {}
+    choices = {n: space.allowed_for(layer.in_features) for n, layer in qlayers.items()} or None
     rows = []
     keep = bool(cfg.eval.get("save_predictions", False))
     predictions: dict[str, list] = {}
     for budget, alloc in allocs.items():
         cands = [("allocation", alloc)]
         for i in range(0 if fixed else int(cfg.eval.random_per_budget)):
-            r = random_near(alloc, space, budget, float(cfg.eval.random_tolerance), rng)
+            r = random_near(
+                alloc, space, budget, float(cfg.eval.random_tolerance), rng, choices=choices
+            )
             if r is not None:
                 cands.append((f"random{i}", r))
         for kind, config in cands:

@@ -63,7 +63,13 @@ def check_checkpoint(cfg: DictConfig, space: QuantSpace) -> Path:
             )
     check_method(run_cfg.method.get("name"), f"ckpt={cfg.ckpt}")
     trained = QuantSpace.from_cfg(run_cfg.quant.space)
-    for f, values in space.to_dict().items():
+    if trained.kind != space.kind:
+        raise ConfigError(
+            f"quant.space.kind={space.kind} but ckpt={cfg.ckpt} was trained with "
+            f"quant.space.kind={trained.kind}; pass quant.space.kind={trained.kind}"
+        )
+    for f in space.fields:
+        values = getattr(space, f)
         outside = [v for v in values if v not in getattr(trained, f)]
         if outside:
             raise ConfigError(
@@ -187,6 +193,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     init = objective.method.init.mode  # what the scored adapter started from (method.init)
     fresh = "fresh head (B = 0)" if init == "zero" else f"fresh head (method.init={init})"
     kind = f"checkpoint {ckpt}" if ckpt else fresh
+    in_features = objective.in_features
+    if space.kind == "gguf" and in_features:  # the row rule narrows what this model reaches
+        space = space.for_layers(in_features, objective.numels)
     budgets = settings.pool.budgets(space, "search.pool")
     allocs = ctx.allocations(objective.model, budgets, space=space)
     pool, sources = label_pool({b: a.config for b, a in allocs.items()})
