@@ -18,6 +18,9 @@
 # A run whose $RESULTS/<name>/results.json exists is skipped (so a queue can be resumed).
 # Env: OUT [outputs/decoder_comparison]  RESULTS [docs/results/decoder_smollm2]
 #      STEPS [40]  BATCH [2]  LR [1e-3]  PY [.venv/bin/python]  ARGS (extra overrides, every run)
+#      BUDGETS [[2.5,3.0,3.5,4.0]] (evaluation budgets)  POOL ["2.25 4.5 0.25"] (start stop step
+#      of the multi-configuration training pool), e.g. the GGUF space of docs/gguf.md:
+#      ARGS=quant.space.kind=gguf BUDGETS=[4.25,4.5,4.75,5.0] POOL="4.05 5.5 0.15"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -35,10 +38,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
 # one batch (the reported numbers come from evaluate.py on 32 test blocks).
 COMMON=(model=smollm2_135m task=wikitext2 "data.batch_size=$BATCH" data.eval_batch_size=8
   "method.lr=$LR" trainer.limit_val_batches=1 final_eval=false)
-BUDGETS="[2.5,3.0,3.5,4.0]"
+BUDGETS=${BUDGETS:-[2.5,3.0,3.5,4.0]}
 # the multi-configuration methods' training pool: allocations every 0.25 bits over 2.25-4.5
-MULTI=(method.configs_per_step=1 "method.eval_budgets=$BUDGETS" method.pool.start=2.25
-  method.pool.stop=4.5 method.pool.step=0.25)
+read -r POOL_START POOL_STOP POOL_STEP <<< "${POOL:-2.25 4.5 0.25}"
+MULTI=(method.configs_per_step=1 "method.eval_budgets=$BUDGETS" "method.pool.start=$POOL_START"
+  "method.pool.stop=$POOL_STOP" "method.pool.step=$POOL_STEP")
 
 overrides() {  # run name -> its Hydra overrides (one per line)
   local name=$1 seed=42

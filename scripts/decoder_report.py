@@ -45,6 +45,20 @@ SERIES = {
     "ablation: Shared-LoRA r=32": r"shared_lora_r32_s{s}",
     "ablation: CoA-LoRA r=32": r"coalora_r32_s{s}",
 }
+# runs named with their shared initialisation (scripts/decoder_comparison.sh: <method>_<init>_...)
+for _init in ("zero", "lpq", "lq"):
+    SERIES.update(
+        {
+            f"(e) Shared-LoRA, init={_init}, 4× steps": rf"shared_lora_{_init}_x4_s{{s}}",
+            f"(f) CoA-LoRA, init={_init}, 4× steps": rf"coalora_{_init}_x4_s{{s}}",
+            f"(e) Shared-LoRA, init={_init}": rf"shared_lora_{_init}_s{{s}}",
+            f"(f) CoA-LoRA, init={_init}": rf"coalora_{_init}_s{{s}}",
+            f"ablation: Shared-LoRA init={_init} r=32": rf"shared_lora_{_init}_r32_s{{s}}",
+            f"ablation: CoA-LoRA init={_init} r=32": rf"coalora_{_init}_r32_s{{s}}",
+        }
+    )
+PER_BUDGET = ("qlora", "lq_lora", "qwha")  # the single-configuration methods, one run per budget
+GOAL = 0.05  # CoA-LoRA within 5% of the best per-budget perplexity (repository issue #21)
 
 
 class Run:
@@ -148,8 +162,6 @@ def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
             cells.append(cell(rs, b))
         if names:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(sorted(names))} |")
-        else:
-            lines.append(f"| {label} | " + " | ".join(["—"] * len(BUDGETS)) + " | not run yet |")
     return lines
 
 
@@ -184,45 +196,93 @@ def table_held_out(runs: dict[str, Run], base: dict | None = None) -> list[str]:
     return lines
 
 
+COALORA_RUN = re.compile(r"coalora(_zero|_lpq|_lq)?(_r32|_x4)?_s(\d+)")
+SHARED_RUN = r"shared_lora(_evalonly)?(_zero|_lpq|_lq)?{variant}_s{seed}"
+
+
 def paired_lines(runs: dict[str, Run], reps: int) -> list[str]:
-    """CoA-LoRA − X on the same blocks, per seed and budget (allocation + held-out)."""
+    """CoA-LoRA − X on the same blocks, per seed and budget (allocation + held-out): X = every
+    Shared-LoRA run of the same seed and steps (any init), and each per-budget method."""
     lines = [
-        "| CoA-LoRA − | seed | configuration | ppl CoA-LoRA | ppl other | difference | "
+        "| CoA-LoRA run | − other run | configuration | ppl CoA-LoRA | ppl other | difference | "
         "95% CI | P(CoA-LoRA not lower) |",
         "|---|---|---|---:|---:|---:|---|---:|",
     ]
     pairs = []
     for name, run in sorted(runs.items()):
-        m = re.fullmatch(r"coalora(_r32|_x4)?_s(\d+)", name)
+        m = COALORA_RUN.fullmatch(name)
         if not m:
             continue
-        variant, seed = m.group(1) or "", m.group(2)
-        tag = f" {variant[1:]}" if variant else ""
-        for other, label in (
-            (f"shared_lora{variant}_s{seed}", f"Shared-LoRA{tag} (pool)"),
-            (f"shared_lora_evalonly{variant}_s{seed}", f"Shared-LoRA{tag} (4 budgets)"),
-        ):
-            if other in runs:
-                pairs += [
-                    (run, runs[other], label, f"{seed}{tag}", (c, c))
-                    for c in run.nll
-                    if c in runs[other].nll
-                ]
+        variant, seed = m.group(2) or "", m.group(3)
+        rx = re.compile(SHARED_RUN.format(variant=re.escape(variant), seed=seed))
+        for other in sorted(n for n in runs if rx.fullmatch(n)):
+            pairs += [(run, runs[other], (c, c)) for c in run.nll if c in runs[other].nll]
         if variant == "_r32":
-            continue  # QLoRA runs are rank 8
+            continue  # the per-budget runs are rank 8
         for b in BUDGETS:
-            q = runs.get(f"qlora_b{b:.1f}")
-            if q is not None and q.alloc.get(b) in q.nll:
-                pairs.append((run, q, "QLoRA (per budget)", f"{seed}{tag}", (f"{b:g}", q.alloc[b])))
-    for a, b, label, seed, (col, col_b) in pairs:
+            for method in PER_BUDGET:
+                q = runs.get(f"{method}_b{b:.1f}")
+                if q is not None and q.alloc.get(b) in q.nll and f"{b:g}" in run.nll:
+                    pairs.append((run, q, (f"{b:g}", q.alloc[b])))
+    for a, b, (col, col_b) in pairs:
         if a.blocks != b.blocks or not torch.equal(a.tokens, b.tokens):
             raise SystemExit(f"error: {a.name} and {b.name} scored different blocks")
         d = paired_bootstrap_perplexity(a.nll[col], b.nll[col_b], a.tokens, n_resamples=reps)
         lines.append(
-            f"| {label} | {seed} | {col} | {fmt(perplexity(a.nll[col], a.tokens))} | "
+            f"| {a.name} | {b.name} | {col} | {fmt(perplexity(a.nll[col], a.tokens))} | "
             f"{fmt(perplexity(b.nll[col_b], b.tokens))} | {d['diff']:+.3g} | "
             f"[{d['low']:+.3g}, {d['high']:+.3g}] | {d['p_not_lower']:.3f} |"
         )
+    return lines
+
+
+def goal_lines(runs: dict[str, Run]) -> list[str]:
+    """Per budget: the best per-budget method vs each 4×-steps CoA-LoRA series (seed mean), and
+    the lowest Shared-LoRA 4×-steps series, at the allocation and at the held-out configuration."""
+    coa = {n: p for n, p in SERIES.items() if p.startswith("coalora") and "_x4_" in p}
+    shared = {n: p for n, p in SERIES.items() if p.startswith("shared_lora") and "_x4_" in p}
+    lines = [
+        "| budget | best per-budget (ppl) | CoA-LoRA series | ppl | vs best | within "
+        f"{GOAL:.0%}? | lowest Shared-LoRA (ppl) | held-out: CoA-LoRA / lowest Shared-LoRA |",
+        "|---:|---|---|---:|---:|---|---|---|",
+    ]
+
+    def mean_ppl(rs: list[Run], col) -> float | None:
+        vals = []
+        for r in rs:
+            c = r.alloc.get(round(col, 1)) if isinstance(col, float) else col
+            p = r.ppl(c) if c else None
+            if p is not None:
+                vals.append(p)
+        return statistics.mean(vals) if vals else None
+
+    for b in BUDGETS:
+        per = {m: mean_ppl(series_runs(runs, f"{m}_b{{b}}", b), b) for m in PER_BUDGET}
+        per = {m: p for m, p in per.items() if p is not None}
+        best = min(per.items(), key=lambda kv: kv[1]) if per else None
+        sh = {
+            label: (
+                mean_ppl(series_runs(runs, p, b), b),
+                mean_ppl(series_runs(runs, p, b), f"{b:g}-random0"),
+            )
+            for label, p in shared.items()
+        }
+        sh = {k: v for k, v in sh.items() if v[0] is not None}
+        low = min(sh.items(), key=lambda kv: kv[1][0]) if sh else None
+        low_h = min((v[1] for v in sh.values() if v[1] is not None), default=None)
+        for label, pattern in coa.items():
+            rs = series_runs(runs, pattern, b)
+            p = mean_ppl(rs, b)
+            if p is None:
+                continue
+            held = mean_ppl(rs, f"{b:g}-random0")
+            rel = p / best[1] - 1 if best else None
+            lines.append(
+                f"| {b:g} | {f'{best[0]} {fmt(best[1])}' if best else '—'} | {label} | {fmt(p)} | "
+                f"{'—' if rel is None else f'{rel:+.1%}'} | "
+                f"{'—' if rel is None else ('yes' if rel <= GOAL else 'no')} | "
+                f"{f'{low[0]}: {fmt(low[1][0])}' if low else '—'} | {fmt(held)} / {fmt(low_h)} |"
+            )
     return lines
 
 
@@ -313,6 +373,10 @@ def main() -> None:
         "### Held-out random configurations near each budget (never trained on)",
         "",
         *table_held_out(runs, base),
+        "",
+        "### Goal lines (CoA-LoRA at equal compute vs the best per-budget method and Shared-LoRA)",
+        "",
+        *goal_lines(runs),
         "",
         "### Paired differences (block bootstrap over the 32 evaluation blocks)",
         "",
