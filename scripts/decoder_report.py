@@ -149,6 +149,7 @@ def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
             + " | ".join(fmt(by_bits.get(b)) for b in BUDGETS)
             + f" | fp32 base: {fmt(by_bits.get(32.0))} |"
         )
+    missing: list[str] = []
     for label, pattern in SERIES.items():
         if pattern == "lora":
             run = runs.get("lora")
@@ -162,6 +163,10 @@ def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
             cells.append(cell(rs, b))
         if names:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {', '.join(sorted(names))} |")
+        elif not any(f"_{i}_" in pattern for i in ("zero", "lpq", "lq")):
+            missing.append(label)
+    if missing:  # the init-named series are listed only once they have a run
+        lines += ["", "Not run yet: " + "; ".join(missing) + "."]
     return lines
 
 

@@ -40,10 +40,16 @@ from coalora.deploy.format import (
 from coalora.errors import CoaloraError
 from coalora.quant.bnb import bnb_linear4bit
 from coalora.quant.config import ModelQuantConfig
+from coalora.quant.gguf_space import GGUFPacked
 from coalora.quant.linear import DequantCache, QuantLinear
 from coalora.quant.model import replace_module
-from coalora.quant.nf import quantize_nf
-from coalora.quant.packing import PackedTensor, dequantize_packed, pack_quantized
+from coalora.quant.packing import (
+    PackedTensor,
+    dequantize_packed,
+    entry_fields,
+    entry_from_fields,
+    pack_option,
+)
 
 BACKENDS = ("packed", "bnb")
 TOKENIZER_CONFIG = "tokenizer_config.json"  # every transformers tokenizer writes it
@@ -154,11 +160,13 @@ def _load_base(model: nn.Module, path: Path, manifest: dict, adapter: dict[str, 
         model.tie_weights()
 
 
-def _merge(p: PackedTensor, A: Tensor, B: Tensor, s: float) -> tuple[PackedTensor, float]:
+def _merge(
+    p: PackedTensor | GGUFPacked, A: Tensor, B: Tensor, s: float
+) -> tuple[PackedTensor | GGUFPacked, float]:
     """``deq(p) + s·BA`` re-quantized with ``p``'s option, and the relative error that adds."""
     with torch.no_grad():
         target = dequantize_packed(p) + s * (B.float() @ A.float())  # (d_out, d_in)
-        merged = pack_quantized(quantize_nf(target, p.qc))
+        merged = pack_option(target, p.qc)
         err = dequantize_packed(merged) - target
     return merged, float(err.norm() / target.norm().clamp_min(1e-30))
 
@@ -202,10 +210,10 @@ def load(
             if key not in manifest["entries"]:
                 raise CoaloraError(f"{path}: entry {key} of configuration {label!r} is missing")
             try:
-                fields = {fd: f.get_tensor(tensor_key(key, fd)) for fd in PackedTensor.FIELDS}
+                fields = {fd: f.get_tensor(tensor_key(key, fd)) for fd in entry_fields(qc)}
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CoaloraError(f"{path}/{PACKED}: cannot read {key}: {e}") from None
-            p = PackedTensor(**fields, shape=tuple(manifest["entries"][key]["shape"]), qc=qc)
+            p = entry_from_fields(fields, manifest["entries"][key]["shape"], qc)
             p.validate(f"{PACKED}: entry {key}")
             linear = model.get_submodule(name)
             A, B = adapter.get(f"{name}.lora_A"), adapter.get(f"{name}.lora_B")
@@ -214,6 +222,10 @@ def load(
             if merge and A is not None:
                 p, merge_error[name] = _merge(p, A, B, s)
                 A = B = None
+            if backend == "bnb" and not isinstance(p, PackedTensor):
+                raise CoaloraError(
+                    f"backend='bnb' reads NF4 entries; {key} is {qc.key}: use backend='packed'"
+                )
             if backend == "bnb":
                 layer = bnb_linear4bit(p, linear.bias, linear.weight.dtype)
             else:

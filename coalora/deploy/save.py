@@ -38,11 +38,11 @@ from coalora.deploy.format import (
 from coalora.deploy.writer import ExportJob, Written, check_target
 from coalora.errors import CoaloraError
 from coalora.io import replace_dir_atomically
-from coalora.quant.config import ModelQuantConfig, QuantConfig
+from coalora.quant.config import LayerOption, ModelQuantConfig
+from coalora.quant.gguf_space import GGUFPacked
 from coalora.quant.linear import QuantLinear
 from coalora.quant.model import base_linear
-from coalora.quant.nf import quantize_nf
-from coalora.quant.packing import PackedTensor, pack_quantized
+from coalora.quant.packing import PackedTensor, pack_option
 
 
 def lora_tensors(model: nn.Module, names: list[str]) -> tuple[dict[str, Tensor], float]:
@@ -70,11 +70,11 @@ def _target(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-def _entry(module: nn.Module, qc: QuantConfig) -> PackedTensor:
+def _entry(module: nn.Module, qc: LayerOption) -> PackedTensor | GGUFPacked:
     if isinstance(module, QuantLinear):
         return module.packed_entry(qc)
     with torch.no_grad():
-        return pack_quantized(quantize_nf(module.weight.detach(), qc))
+        return pack_option(module.weight.detach(), qc)
 
 
 def _card(
@@ -181,7 +181,7 @@ def save_packed(
     packed = {
         tensor_key(key, field): getattr(p, field).detach().cpu().contiguous()
         for key, p in entries.items()
-        for field in PackedTensor.FIELDS
+        for field in p.FIELDS
     }
     entry_meta = {key: {"shape": list(p.shape), "option": p.qc.key} for key, p in entries.items()}
     base_out, tied = _base_tensors(base)

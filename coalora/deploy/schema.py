@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from coalora.errors import CoaloraError
-from coalora.quant.config import QuantConfig
+from coalora.quant.config import option_from_key
 
 DIGEST = "manifest_sha256"
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a label is a file name stem
@@ -125,7 +125,7 @@ def _entries(manifest: Mapping[str, Any], targets: Mapping[str, list[int]], mpat
                 mpath, f"{where}.option={entry['option']!r} differs from its key's {option!r}"
             )
         try:
-            QuantConfig.from_key(option)
+            option_from_key(option)
         except CoaloraError as e:
             raise _fail(mpath, f"{where}: {e}") from None
 

@@ -27,12 +27,12 @@ from torch import Tensor, nn
 from coalora.errors import CoaloraError
 from coalora.quant.config import GGUFOption, LayerOption, QuantConfig
 from coalora.quant.gguf_space import GGUFPacked
-from coalora.quant.nf import fake_quantize, quantize_nf
+from coalora.quant.nf import fake_quantize
 from coalora.quant.packing import (
     PackedTensor,
     check_storage,
     dequantize_packed,
-    pack_quantized,
+    pack_option,
     packed_linear,
 )
 
@@ -208,18 +208,13 @@ class QuantLinear(nn.Module):
     def packed_entry(self, qc: LayerOption) -> PackedTensor | GGUFPacked:
         """The packed form of this layer's weight under ``qc`` (pinned, cached, or quantized now)."""
         pinned = self._pinned.get(qc)
-        if isinstance(pinned, PackedTensor):
+        if isinstance(pinned, (PackedTensor, GGUFPacked)):
             return pinned
         key = (self.name, qc)
         p = self.cache.get(key) if self.cache.storage == "packed" else None
         if p is None:
             with torch.no_grad():
-                src = self._source()
-                p = (
-                    qc.pack(src)
-                    if isinstance(qc, GGUFOption)
-                    else pack_quantized(quantize_nf(src, qc))
-                )
+                p = pack_option(self._source(), qc)
             if self.cache.storage == "packed":
                 self.cache.put(key, p)
         return p

@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from coalora.errors import CoaloraError, ConfigError
-from coalora.quant.config import QuantConfig
-from coalora.quant.nf import QuantizedTensor, _dequant_scales, _tables, nf_decode
+from coalora.quant.config import GGUFOption, LayerOption, QuantConfig
+from coalora.quant.gguf_space import GGUFPacked
+from coalora.quant.nf import QuantizedTensor, _dequant_scales, _tables, nf_decode, quantize_nf
 
 STORAGES = ("packed", "dequantized")
 
@@ -268,6 +269,26 @@ class _PackedLinear(torch.autograd.Function):
         return grad_x, grad_b, None
 
 
+def pack_option(W: Tensor, qc: LayerOption) -> PackedTensor | GGUFPacked:
+    """The packed entry of ``W`` under ``qc``: NF codes + scales, or a GGUF type's blocks."""
+    if isinstance(qc, GGUFOption):
+        return qc.pack(W)
+    return pack_quantized(quantize_nf(W, qc))
+
+
+def entry_from_fields(
+    fields: dict[str, Tensor], shape: tuple[int, ...], qc: LayerOption
+) -> PackedTensor | GGUFPacked:
+    """An entry from its stored tensors (``entry_fields(qc)``), e.g. read back from a file."""
+    cls = GGUFPacked if isinstance(qc, GGUFOption) else PackedTensor
+    return cls(**fields, shape=tuple(shape), qc=qc)
+
+
+def entry_fields(qc: LayerOption) -> tuple[str, ...]:
+    """The tensors an entry of ``qc`` stores, in file order."""
+    return GGUFPacked.FIELDS if isinstance(qc, GGUFOption) else PackedTensor.FIELDS
+
+
 def packed_linear(x: Tensor, p: PackedTensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, dequantize_packed(p, x.dtype), bias)``; the weight is freed after use."""
     needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
@@ -282,6 +303,9 @@ __all__ = [
     "check_storage",
     "decode_packed_codes",
     "dequantize_packed",
+    "entry_fields",
+    "entry_from_fields",
+    "pack_option",
     "pack_bits",
     "pack_quantized",
     "packed_linear",

@@ -35,12 +35,14 @@ def test_report_tables_and_paired_differences(tmp_path):
     assert fig.is_file() and fig.stat().st_size > 10_000
     assert "| (f) CoA-LoRA | 5.33e+06 | 896.7 | 40.96 | 33.10 | coalora_s42 |" in text
     assert "| (c) QLoRA, one adapter per budget | — | 88.72 | — | — | qlora_b3.0 |" in text
-    assert "| (d) LQ-LoRA, one per budget | — | — | — | — | not run yet |" in text
+    assert "Not run yet: (d) LQ-LoRA, one per budget; (d) QWHA, one per budget;" in text
     # paired rows: difference = ppl(CoA-LoRA) - ppl(other), interval around it
-    rows = re.findall(r"^\| (Shared-LoRA \(pool\)|QLoRA \(per budget\)) \| 42 \| (\S+) \| "
+    rows = re.findall(r"^\| coalora_s42 \| (shared_lora_s42|qlora_b3\.0) \| (\S+) \| "
                       r"(\S+) \| (\S+) \| (\S+) \| \[(\S+), (\S+)\] \|", text, re.M)  # fmt: skip
     by = {(who, col): vals for who, col, *vals in rows}
-    a, b, diff, lo, hi = by[("Shared-LoRA (pool)", "3.5")]
+    a, b, diff, lo, hi = by[("shared_lora_s42", "3.5")]
     assert float(a) - float(b) == pytest.approx(float(diff), abs=0.01)
     assert float(lo) < float(diff) < float(hi) < 0  # CoA-LoRA lower at 3.5 bits, seed 42
-    assert ("QLoRA (per budget)", "3") in by and ("Shared-LoRA (pool)", "4-random0") in by
+    assert ("qlora_b3.0", "3") in by and ("shared_lora_s42", "4-random0") in by
+    # goal lines: CoA-LoRA (40 steps here, not 4x) has no 4x series, so none is printed
+    assert "### Goal lines" in text
