@@ -98,13 +98,21 @@ def llamacpp_table(runs: dict[str, dict]) -> tuple[list[str], float]:
 
 def throughput_table(runs: dict[str, dict]) -> list[str]:
     names = ["llama.cpp + adapter", "llama.cpp base", "coalora + adapter", "coalora base"]
+    if any(
+        "coalora.deploy.load + adapter" in c["scores"]
+        for r in runs.values()
+        for c in r["checks"].values()
+    ):
+        names.append("coalora.deploy.load + adapter")
     lines = [
         "| run | configuration | threads | " + " | ".join(f"{n} tok/s" for n in names) + " |",
         "|---|---:|---:|" + "---:|" * len(names),
     ]
     for name, run in runs.items():
         for label, c in sorted(run["checks"].items(), key=lambda kv: float(kv[0])):
-            vals = " | ".join(f"{c['scores'][n]['tokens_per_s']:.1f}" for n in names)
+            vals = " | ".join(
+                f"{c['scores'][n]['tokens_per_s']:.1f}" if n in c["scores"] else "—" for n in names
+            )
             lines.append(f"| {name} | {label} | {c['threads']} | {vals} |")
     return lines
 

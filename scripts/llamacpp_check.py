@@ -1,6 +1,7 @@
 """Run a ``format=gguf`` export in llama.cpp beside coalora on the task's evaluation blocks.
 
     python scripts/llamacpp_check.py EXPORT --budget 4.5 [--blocks 8] [--threads 2] [--out r.md]
+        [--packed PACKED_EXPORT]
 
 For the configuration ``--budget`` of the export (docs/gguf.md, "Export to llama.cpp") it scores
 the run's evaluation blocks (``coalora.data.lm``: ``task.eval_blocks`` blocks of
@@ -9,7 +10,9 @@ the run's evaluation blocks (``coalora.data.lm``: ``task.eval_blocks`` blocks of
 restored run (its model at the same configuration, ``method.adapt``) with and without its adapter.
 It prints perplexity and tokens/s of each (same threads; llama.cpp's time is its forward pass, the
 output projection runs in torch: ``coalora.deploy.llamacpp``). ``--out`` writes JSON (``.json``)
-or a markdown table (``.md``).
+or a markdown table (``.md``). ``--packed`` also scores a ``format=packed`` export of the same run
+loaded with ``coalora.deploy.load`` at that configuration (the PyTorch deployment path: GGUF
+blocks decoded per forward), so the three runtimes are timed on the same tokens.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, help="score this many of the evaluation blocks")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="write the result as .json or .md")
+    ap.add_argument("--packed", type=Path, help="a format=packed export of the same run")
     args = ap.parse_args(argv)
 
     manifest = read_gguf_manifest(args.export)
@@ -122,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     scores["coalora + adapter"] = torch_scores(model, blocks)
     with adapters_off(model):
         scores["coalora base"] = torch_scores(model, blocks)
+    if args.packed is not None:
+        from coalora import deploy
+
+        packed = deploy.load(args.packed, budget=label).eval()
+        scores["coalora.deploy.load + adapter"] = torch_scores(packed, blocks)
 
     result = {
         "export": str(args.export),
