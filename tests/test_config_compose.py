@@ -101,3 +101,14 @@ def test_each_model_declares_its_quant_sensitivity_and_the_command_line_wins(com
     assert cfg.quant.fisher is None and cfg.quant.sensitivity_examples == 64
     other = "none" if decoder else "fisher"
     assert compose([f"model={model}", f"quant.sensitivity={other}"]).quant.sensitivity == other
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("method", ["coalora", "shared_lora"])
+def test_each_model_family_has_its_shared_init_and_the_command_line_wins(compose, model, method):
+    cfg = compose([f"model={model}", f"method={method}"])
+    # lq for the decoders (SmolLM2 CoA-LoRA screen), zero for the encoders and the test models
+    # (MiniLM-L6 + SST-2; docs/methods.md, "Quantization-aware initialisation")
+    decoder = cfg.model.get("kind") == "decoder" and not model.startswith("tiny")
+    assert cfg.method.init == ("lq" if decoder else "zero")
+    assert compose([f"model={model}", f"method={method}", "method.init=lpq"]).method.init == "lpq"
