@@ -195,6 +195,7 @@ def write_gguf(job: ExportJob) -> Written:
         job.model, job.names, job.configs, job.adapt, job.out_dir, job.run_cfg,
         tokenizer=job.tokenizer() if job.tokenizer is not None else None,
         run_dir=job.run_dir, overwrite=job.overwrite, source=job.source,
+        embedding_type=job.options.get("gguf_embedding", "F16"),
     )  # fmt: skip
     confs = manifest["configurations"]
     sizes = {k: round(c["target_average_bits"], 4) for k, c in confs.items()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class ExportJob:
     source: str = ""
     backbone: Callable[[], nn.Module] | None = None
     tokenizer: Callable[[], Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # format-specific export keys
 
     def single(self, fmt: str) -> ModelQuantConfig | None:
         """The one configuration of a single-configuration format."""

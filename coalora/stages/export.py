@@ -37,7 +37,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from coalora.deploy.gguf import write_gguf
-from coalora.deploy.gguf_base import check_gguf_run
+from coalora.deploy.gguf_base import EMBEDDING_TYPES, check_gguf_run
 from coalora.deploy.merged import write_merged
 from coalora.deploy.peft import write_peft
 from coalora.deploy.save import write_packed
@@ -169,6 +169,11 @@ def run(cfg: DictConfig) -> Path:
     run_dir, _ = resolve_checkpoint(cfg.ckpt)
     run_cfg = load_run_config(run_dir)
     fmt = export_format(requested, registry_method(run_cfg), run_cfg.method)
+    embedding = str(cfg.get("gguf_embedding") or "F16")
+    if embedding not in EMBEDDING_TYPES:
+        raise ConfigError(
+            f"gguf_embedding={embedding!r} is not allowed; allowed: {list(EMBEDDING_TYPES)}"
+        )
     if fmt == "gguf":
         check_gguf_run(run_cfg)  # before the restore: one line for an encoder or an NF run
     overwrite = bool(cfg.get("overwrite"))
@@ -190,6 +195,7 @@ def run(cfg: DictConfig) -> Path:
         source=source,
         backbone=lambda: build_backbone(run_cfg),
         tokenizer=lambda: build_tokenizer(run_cfg.model),
+        options={"gguf_embedding": embedding},
     )
     written = WRITERS[fmt](job)
     atomic_write_json(

@@ -223,3 +223,17 @@ def test_export_stage_writes_every_budget_of_a_coalora_gguf_run(tmp_path):
             assert read[gname].tensor_type.name == config["layers"][name]["gguf"]
             got = tn.from_gguf(gname, dequantized(read[gname]))
             assert torch.equal(got, base_linear(model, name).weight.float())  # W − L, quantized
+    # export.gguf_embedding: the embedding's stated type, checked before anything is restored
+    q8 = tmp_path / "gguf_q8"
+    proc = run_entry("export.py", [f"ckpt={run}", "format=gguf", "quant.budget=5.0",
+                                   "gguf_embedding=Q8_0", f"out_dir={q8}",
+                                   f"hydra.run.dir={tmp_path / 'export_q8'}"], tmp_path / "cache")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = read_gguf_manifest(q8)["configurations"]["5"]
+    assert tensors(q8 / record["base"])["token_embd.weight"].tensor_type.name == "Q8_0"
+    assert record["file_bits_per_weight"] < manifest["configurations"]["5"]["file_bits_per_weight"]
+    proc = run_entry("export.py", [f"ckpt={run}", "format=gguf", "quant.budget=5.0",
+                                   "gguf_embedding=Q4_9", f"hydra.run.dir={tmp_path / 'bad'}"],
+                     tmp_path / "cache")  # fmt: skip
+    assert proc.returncode != 0
+    assert "gguf_embedding='Q4_9' is not allowed; allowed: ['F32', 'F16', 'Q8_0']" in proc.stderr
