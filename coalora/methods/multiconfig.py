@@ -191,8 +191,11 @@ class MultiConfigMethod(Method):
                 )
             return [cs.entry_config(e) for e in entries]
         grid = PoolGrid.from_cfg(self.cfg.pool, "method.pool")
+        space = self.space
+        if space.kind == "gguf":  # the row rule narrows the budgets this model reaches
+            space = space.for_layers({n: w.shape[-1] for n, w in weights.items()}, self.numels)
         configs, _ = initial_pool(
-            weights, self.space, grid, ctx.table_cache_dir, ctx.model_name, self.solver,
+            weights, space, grid, ctx.table_cache_dir, ctx.model_name, self.solver,
             sensitivity=ctx.sensitivity(model),
         )  # fmt: skip
         return configs
