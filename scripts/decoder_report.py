@@ -153,7 +153,10 @@ def table_allocations(runs: dict[str, Run], base: dict | None) -> list[str]:
     for label, pattern in SERIES.items():
         if pattern == "lora":
             run = runs.get("lora")
-            val = fmt(run.ppl("32")) if run else "—"
+            if run is None:
+                missing.append(label)
+                continue
+            val = fmt(run.ppl("32"))
             lines.append(f"| {label} | " + " | ".join([val] * len(BUDGETS)) + " | lora (32 bits) |")
             continue
         cells, names = [], set()

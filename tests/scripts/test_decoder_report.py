@@ -35,7 +35,7 @@ def test_report_tables_and_paired_differences(tmp_path):
     assert fig.is_file() and fig.stat().st_size > 10_000
     assert "| (f) CoA-LoRA | 5.33e+06 | 896.7 | 40.96 | 33.10 | coalora_s42 |" in text
     assert "| (c) QLoRA, one adapter per budget | — | 88.72 | — | — | qlora_b3.0 |" in text
-    assert "Not run yet: (d) LQ-LoRA, one per budget; (d) QWHA, one per budget;" in text
+    assert "Not run yet: (b) LoRA, full-precision base; (d) LQ-LoRA, one per budget;" in text
     # paired rows: difference = ppl(CoA-LoRA) - ppl(other), interval around it
     rows = re.findall(r"^\| coalora_s42 \| (shared_lora_s42|qlora_b3\.0) \| (\S+) \| "
                       r"(\S+) \| (\S+) \| (\S+) \| \[(\S+), (\S+)\] \|", text, re.M)  # fmt: skip
