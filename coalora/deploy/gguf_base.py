@@ -35,6 +35,7 @@ from coalora.errors import ConfigError
 from coalora.quant.config import ModelQuantConfig
 from coalora.quant.gguf_space import GGUFOption
 from coalora.quant.gguf_types import GGUF_TYPES, encode
+from coalora.quant.linear import QuantLinear
 from coalora.quant.model import base_linear
 
 # model.arch → (gguf-py architecture name, whether q/k rows are permuted)
@@ -166,6 +167,18 @@ def source_weight(model: nn.Module, name: str) -> Tensor:
     return weight.detach().cpu()
 
 
+def target_blocks(model: nn.Module, name: str, gguf_type: str) -> tuple[Tensor, tuple[int, ...]]:
+    """A target's blocks under ``gguf_type`` (d_out, d_in / block · type size) uint8, exactly as
+    training served them: the layer's packed entry (pinned, cached, or ``encode`` of its source
+    now), so a run whose packed storage dropped the full-precision originals exports too."""
+    module = base_linear(model, name)
+    if isinstance(module, QuantLinear):
+        entry = module.packed_entry(GGUFOption(gguf_type))
+        return entry.codes.detach().cpu(), tuple(entry.shape)
+    W = source_weight(model, name)  # (d_out, d_in)
+    return encode(W, gguf_type), tuple(W.shape)
+
+
 def _float_tensor(name: str, value: Tensor, kind: str) -> GGUFTensor:
     shape = tuple(value.shape)
     if kind == "Q8_0":
@@ -202,10 +215,9 @@ def base_tensors(
         out.append(_float_tensor(gname, value, kind))
     for name in names:
         gname = tensor_names.name(f"{name}.weight")
-        W = source_weight(model, name)  # (d_out, d_in)
-        raw = encode(W, types[name])  # (d_out, d_in / block · type size) uint8, as training
+        raw, shape = target_blocks(model, name, types[name])
         out.append(GGUFTensor(gname, tensor_names.to_gguf(gname, raw).numpy(), types[name],
-                              tuple(W.shape)))  # fmt: skip
+                              shape))  # fmt: skip
     freqs = rope_freqs(model.config)
     if freqs is not None:
         out.append(GGUFTensor("rope_freqs.weight", freqs, NON_TARGET["rope_freqs"], freqs.shape))

@@ -60,3 +60,32 @@ def test_search_decodes_to_allowed_types(run):
         "quant.space.kind=nf but ckpt=" in proc.stderr
         and "pass quant.space.kind=gguf" in proc.stderr
     )
+
+
+def test_qlora_with_packed_storage_exports_gguf_from_its_pinned_blocks(tmp_path):
+    """Packed storage drops a single-configuration run's originals after setup: the GGUF export
+    writes the pinned blocks the run trained on, bit for bit."""
+    import torch
+
+    from coalora.deploy.gguf import read_gguf_manifest
+    from coalora.stages.restore import load_run
+
+    run = tmp_path / "run"
+    args = [*TINY_LM, "method=qlora", "quant=budget", "quant.budget=5.0", "quant.space.kind=gguf",
+            "quant.storage=packed", "trainer.max_steps=1", f"hydra.run.dir={run}"]  # fmt: skip
+    proc = run_entry("train.py", args, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "gguf"
+    proc = run_entry("export.py", [f"ckpt={run}", "format=gguf", f"out_dir={out}",
+                                   f"hydra.run.dir={tmp_path / 'export'}"], tmp_path / "cache")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (label,) = read_gguf_manifest(out)["configurations"]
+    import gguf
+
+    reader = gguf.GGUFReader(out / label / "base.gguf")
+    written = {t.name: t for t in reader.tensors}
+    restored = load_run(run, cache_dir=tmp_path / "cache")
+    layer = restored.lit.method.qlayers["model.layers.1.mlp.down_proj"]
+    assert layer.weight_fp is None  # the original was dropped
+    blocks = torch.from_numpy(written["blk.1.ffn_down.weight"].data.copy()).reshape(-1)
+    assert torch.equal(blocks, layer._packed.codes.reshape(-1))
