@@ -122,14 +122,26 @@ def fmt(v: float | None) -> str:
     return f"{v:,.1f}" if v >= 100 else f"{v:.2f}"
 
 
-def cell(runs: list[Run], column: str | float) -> str:
-    """Perplexity of ``column`` over ``runs``; a float column is that budget's allocation."""
+def ppls(runs: list[Run], column: str | float) -> list[float]:
+    """Perplexity of ``column`` in each run that scored it; a float column is that budget's
+    allocation."""
     vals = []
     for r in runs:
         col = r.alloc.get(round(column, 1)) if isinstance(column, float) else column
         p = r.ppl(col) if col else None
         if p is not None:
             vals.append(p)
+    return vals
+
+
+def mean_ppl(runs: list[Run], column: str | float) -> float | None:
+    vals = ppls(runs, column)
+    return statistics.mean(vals) if vals else None
+
+
+def cell(runs: list[Run], column: str | float) -> str:
+    """Perplexity of ``column`` over ``runs`` (seed mean, each seed listed)."""
+    vals = ppls(runs, column)
     if not vals:
         return "—"
     if len(vals) == 1:
@@ -254,15 +266,6 @@ def goal_lines(runs: dict[str, Run]) -> list[str]:
         f"{GOAL:.0%}? | lowest Shared-LoRA (ppl) | held-out: CoA-LoRA / lowest Shared-LoRA |",
         "|---:|---|---|---:|---:|---|---|---|",
     ]
-
-    def mean_ppl(rs: list[Run], col) -> float | None:
-        vals = []
-        for r in rs:
-            c = r.alloc.get(round(col, 1)) if isinstance(col, float) else col
-            p = r.ppl(c) if c else None
-            if p is not None:
-                vals.append(p)
-        return statistics.mean(vals) if vals else None
 
     for b in BUDGETS:
         per = {m: mean_ppl(series_runs(runs, f"{m}_b{{b}}", b), b) for m in PER_BUDGET}
