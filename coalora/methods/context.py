@@ -98,7 +98,7 @@ class MethodContext:
                 "full-precision model can be built to compute the Fisher from"
             )
         sens = fisher_sensitivity(
-            source, self.names, examples=n, seed=self.seed, model_name=self.model_name,
+            source, self.names, examples=n, seed=self.quant.fisher_seed(self.seed), model_name=self.model_name,
             task_name=self.task_name, calibration=self.calibration,
             cache_dir=self.table_cache_dir, weights=weights,
         )  # fmt: skip
@@ -110,7 +110,11 @@ class MethodContext:
         q = self.quant
         if q.sensitivity == "none":
             return {"kind": "none"}
-        out = {"kind": q.sensitivity, "examples": q.sensitivity_examples, "seed": self.seed}
+        out = {
+            "kind": q.sensitivity,
+            "examples": q.sensitivity_examples,
+            "seed": q.fisher_seed(self.seed),
+        }
         sens = self._sensitivities.get((q.sensitivity, q.sensitivity_examples))
         if sens is not None:
             out.update(sens.describe())

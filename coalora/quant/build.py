@@ -48,6 +48,7 @@ KEYS = (
     "solver",
     "sensitivity",
     "sensitivity_examples",
+    "sensitivity_seed",
     "fisher",  # deprecated alias of sensitivity (true: fisher, false: none)
     "fisher_examples",  # deprecated alias of sensitivity_examples
     "cache_limit_mb",
@@ -76,6 +77,7 @@ class QuantSettings:
     solver: str = "exact"
     sensitivity: str = "none"  # none | fisher: what weights the allocation errors
     sensitivity_examples: int = 64
+    sensitivity_seed: int | None = None  # None: the run's seed draws the Fisher examples
     cache_limit_mb: float = 4096.0
     table_cache: bool = True
     storage: str = "dequantized"  # how cached weights are held (docs/packed.md)
@@ -95,6 +97,13 @@ class QuantSettings:
         if not isinstance(_get(q, "table_cache", True), bool):
             raise ConfigError(f"quant.table_cache={_get(q, 'table_cache')!r} must be true or false")
         sensitivity, n_examples = _sensitivity(q)
+        sens_seed = _get(q, "sensitivity_seed")
+        if sens_seed is not None and (
+            isinstance(sens_seed, bool) or not isinstance(sens_seed, int)
+        ):
+            raise ConfigError(
+                f"quant.sensitivity_seed={sens_seed!r} must be an integer or null (the run's seed)"
+            )
         limit = _get(q, "cache_limit_mb", 4096)
         if not _is_number(limit) or limit < 0:
             raise ConfigError(f"quant.cache_limit_mb={limit!r} must be a number ≥ 0")
@@ -137,6 +146,7 @@ class QuantSettings:
             solver=solver,
             sensitivity=sensitivity,
             sensitivity_examples=n_examples,
+            sensitivity_seed=sens_seed,
             cache_limit_mb=float(limit),
             table_cache=bool(_get(q, "table_cache", True)),
             storage=str(storage),
@@ -150,6 +160,12 @@ class QuantSettings:
     @property
     def fisher(self) -> bool:
         return self.sensitivity == "fisher"
+
+    def fisher_seed(self, run_seed: int) -> int:
+        """The seed that draws the sensitivity's examples: ``quant.sensitivity_seed``, else the
+        run's. Fixing it keeps the allocations (and the base) of runs with other seeds identical,
+        so a second seed measures training variance only."""
+        return int(run_seed if self.sensitivity_seed is None else self.sensitivity_seed)
 
     @property
     def needs_sensitivity(self) -> bool:

@@ -152,6 +152,7 @@ class RunRecord:
             if theirs != ours:
                 return f"it has {key}={theirs}, the run {key}={ours}"
         if quant.sensitivity != "none":
+            seed = quant.fisher_seed(seed)
             if s.get("examples") != quant.sensitivity_examples or s.get("seed") != seed:
                 return (
                     f"its sensitivity used {s.get('examples')} examples (seed {s.get('seed')}), "

@@ -203,3 +203,22 @@ def test_context_computes_the_sensitivity_once_and_on_a_full_precision_model(tmp
     assert context(tmp_path / "cold2").sensitivity(None).key == sens.key
     none = MethodContext(names=NAMES, quant=QuantSettings(space=SMALL))
     assert none.sensitivity(model) is None and none.sensitivity_record() == {"kind": "none"}
+
+
+def test_sensitivity_seed_fixes_the_fisher_across_run_seeds(tmp_path):
+    """``quant.sensitivity_seed`` draws the Fisher examples whatever the run's seed, so runs with
+    other seeds allocate (and quantize the base) identically; null keeps the run's seed."""
+    with pytest.raises(ConfigError, match=r"^quant.sensitivity_seed='7' must be an integer or null"):
+        QuantSettings.from_cfg({"sensitivity": "fisher", "sensitivity_seed": "7"})
+
+    def sens(run_seed: int, fixed: int | None) -> Sensitivity:
+        q = QuantSettings(sensitivity="fisher", sensitivity_examples=4, space=SMALL,
+                          sensitivity_seed=fixed)  # fmt: skip
+        ctx = MethodContext(names=NAMES, quant=q, seed=run_seed, model_name="tiny",
+                            task_name="toy", calibration=calibration, cache_dir=tmp_path)  # fmt: skip
+        out = ctx.sensitivity(Tiny())
+        assert ctx.sensitivity_record()["seed"] == (run_seed if fixed is None else fixed)
+        return out
+
+    assert torch.equal(sens(43, 42).fisher["0"], sens(42, None).fisher["0"])
+    assert not torch.equal(sens(43, None).fisher["0"], sens(42, None).fisher["0"])
