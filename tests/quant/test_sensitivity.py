@@ -208,7 +208,9 @@ def test_context_computes_the_sensitivity_once_and_on_a_full_precision_model(tmp
 def test_sensitivity_seed_fixes_the_fisher_across_run_seeds(tmp_path):
     """``quant.sensitivity_seed`` draws the Fisher examples whatever the run's seed, so runs with
     other seeds allocate (and quantize the base) identically; null keeps the run's seed."""
-    with pytest.raises(ConfigError, match=r"^quant.sensitivity_seed='7' must be an integer or null"):
+    with pytest.raises(
+        ConfigError, match=r"^quant.sensitivity_seed='7' must be an integer or null"
+    ):
         QuantSettings.from_cfg({"sensitivity": "fisher", "sensitivity_seed": "7"})
 
     def sens(run_seed: int, fixed: int | None) -> Sensitivity:
