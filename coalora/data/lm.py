@@ -215,6 +215,7 @@ class LMDataModule(TaskDataModule):
         )  # fmt: skip
         self.block_length = int(self.task.block_length)
         self.blocks: dict[str, TokenBlocks] = {}
+        self._train_pool: tuple[torch.Tensor, int | None] = (torch.empty(0, 0), None)
         self.sources: dict[str, str] = {}  # split -> "local:<file>" | "hub:<id>/<config>/<split>"
 
     # ----------------------------------------------------------------- properties
@@ -263,15 +264,22 @@ class LMDataModule(TaskDataModule):
                     "using %d",
                     key, limit, split, blocks.shape[0], self.block_length, blocks.shape[0],
                 )  # fmt: skip
-            if limit is not None and blocks.shape[0] > int(limit):
-                if role == "train":  # a seeded subset, kept in corpus order
-                    g = torch.Generator().manual_seed(self.seed)
-                    keep = torch.randperm(blocks.shape[0], generator=g)[: int(limit)].sort().values
-                else:  # the same evenly spread blocks for every method and seed
-                    keep = evenly_spaced(blocks.shape[0], int(limit))
-                blocks = blocks[keep]
+            if role == "train":  # a seeded subset, kept in corpus order
+                self._train_pool = (blocks, limit)
+                blocks = self._train_subset(self.seed)
+            elif limit is not None and blocks.shape[0] > int(limit):
+                # the same evenly spread blocks for every method and seed
+                blocks = blocks[evenly_spaced(blocks.shape[0], int(limit))]
             self.blocks[role] = TokenBlocks(blocks)
         log.info("LM task %s: %s (%s)", self.task.name, self.budget(), self.sources)
+
+    def _train_subset(self, seed: int) -> torch.Tensor:
+        """The ``task.max_train_blocks`` training blocks drawn with ``seed`` (all when unset)."""
+        blocks, limit = self._train_pool
+        if limit is None or blocks.shape[0] <= int(limit):
+            return blocks
+        g = torch.Generator().manual_seed(int(seed))
+        return blocks[torch.randperm(blocks.shape[0], generator=g)[: int(limit)].sort().values]
 
     def train_dataloader(self) -> DataLoader:
         data = self.train_set
@@ -287,13 +295,15 @@ class LMDataModule(TaskDataModule):
     def calibration_batches(
         self, n: int, seed: int = 0, batch_size: int | None = None
     ) -> list[dict[str, torch.Tensor]]:
-        """``n`` fixed training batches drawn with ``seed`` (independent of the training order);
-        the same ``(n, seed, batch_size)`` gives the same batches; cycles when data runs out."""
+        """``n`` fixed training batches drawn with ``seed`` (independent of the training order)
+        from the training subset drawn with the same ``seed`` (the run's own subset when ``seed``
+        is the run's); the same ``(n, seed, batch_size)`` gives the same batches whatever the
+        run's seed; cycles when data runs out."""
         if n < 1:
             raise ValueError(f"calibration_batches: n={n} must be >= 1")
         if "train" not in self.blocks:
             self.setup("fit")
-        data = self.train_set
+        data = self.train_set if int(seed) == self.seed else TokenBlocks(self._train_subset(seed))
         if len(data) == 0:  # cycling through nothing would never end
             raise ValueError("calibration_batches: the training split has no examples")
         size = int(batch_size or self.batch_size)
