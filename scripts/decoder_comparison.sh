@@ -13,7 +13,9 @@
 #
 # A multi-configuration run name may carry the shared initialisation after the method
 # (`_zero`, `_lpq`, `_lq` -> method.init=..., docs/methods.md "Quantization-aware
-# initialisation"); without it the method's default applies.
+# initialisation"); without it the method's default applies. CoA-LoRA's may then carry
+# `_learned` (method.mapper.mix=learned, docs/methods.md "What the mapper mixes"), e.g.
+# coalora_lq_learned_x4_s42.
 #
 # A run whose $RESULTS/<name>/results.json exists is skipped (so a queue can be resumed).
 # Env: OUT [outputs/decoder_comparison]  RESULTS [docs/results/decoder_smollm2]
@@ -55,6 +57,9 @@ overrides() {  # run name -> its Hydra overrides (one per line)
         echo "method.init=$init"; name=${name/_${init}_/_}; break ;;
     esac
   done
+  case $name in  # coalora_<init>_learned_...: the mapper mixes only what training added to B
+    coalora_learned_*) echo method.mapper.mix=learned; name=${name/_learned_/_} ;;
+  esac
   # <method>_x4_s<seed>: 4x the steps, the compute of the four per-budget runs together
   local steps=$STEPS
   case $name in *_x4_s*) steps=$((4 * STEPS)) name=${name/_x4/} ;; esac
@@ -82,7 +87,8 @@ if [[ "${1:-}" == --list ]]; then
     shared_lora_evalonly_x4_s42 coalora_x4_s43 shared_lora_x4_s43 shared_lora_evalonly_x4_s43 \
     lq_lora_b{3.5,4.0} qwha_b{3.5,4.0} \
     {coalora,shared_lora}_{zero,lpq,lq}_x4_s{42,43} {coalora,shared_lora}_{zero,lpq,lq}_s{42,43} \
-    {coalora,shared_lora}_{zero,lpq,lq}_r32_s42
+    {coalora,shared_lora}_{zero,lpq,lq}_r32_s42 coalora_{lpq,lq}_learned_{x4_,}s{42,43} \
+    coalora_{lpq,lq}_learned_r32_s42
   exit 0
 fi
 

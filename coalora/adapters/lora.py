@@ -8,6 +8,11 @@ The layer owns its mixing state. :meth:`mixing` applies M inside a ``with`` bloc
 evaluation of one configuration; the autograd graph keeps M, so the backward may run after the
 block). :meth:`fold` stores ``B' = B M`` for one configuration (the zero-cost adaptation that is
 exported as a plain LoRA) until :meth:`unfold`.
+
+With an anchor ``B₀`` (:meth:`anchor_mixing`, CoA-LoRA's ``method.mapper.mix=learned`` over a
+quantization-aware initialisation) M mixes only what training added to B:
+``B_eff = B₀ + (B − B₀) M``, so the mapper does not rotate the low-rank part of the weights the
+adapter starts from (docs/methods.md, "What the mapper mixes").
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class LoRALinear(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._mix: Tensor | None = None  # (r, r) inside a mixing() block
         self._folded_B: Tensor | None = None  # (d_out, r) = B M after fold()
+        # (d_out, r) anchor B₀ of anchor_mixing(); not in the state dict: a restored run
+        # recomputes it from the same initialisation
+        self.register_buffer("lora_B0", None, persistent=False)
 
     @classmethod
     def from_weights(
@@ -76,9 +84,20 @@ class LoRALinear(AdapterLayer):
             self._mix = previous
 
     @torch.no_grad()
+    def anchor_mixing(self) -> None:
+        """Fix ``B₀ = B`` (now): from here on a mixing M applies to ``B − B₀`` only."""
+        self.lora_B0 = self.lora_B.detach().clone()
+
+    def _mixed_B(self, mix: Tensor) -> Tensor:
+        """B M, or B₀ + (B − B₀) M with an anchor (d_out, r)."""
+        if self.lora_B0 is None:
+            return self.lora_B @ mix
+        return self.lora_B0 + (self.lora_B - self.lora_B0) @ mix
+
+    @torch.no_grad()
     def fold(self, mix: Tensor | None) -> None:
         """Store ``B' = B M`` (plain LoRA behaviour with B'); ``None`` folds M = I."""
-        self._folded_B = self.lora_B.detach().clone() if mix is None else self.lora_B @ mix
+        self._folded_B = self.lora_B.detach().clone() if mix is None else self._mixed_B(mix)
 
     def unfold(self) -> None:
         self._folded_B = None
@@ -93,18 +112,21 @@ class LoRALinear(AdapterLayer):
         if self._folded_B is not None:
             return F.linear(h, self._folded_B) * self.scaling  # (..., d_out)
         if self._mix is not None:
+            if self.lora_B0 is not None:  # h B₀ᵀ + (h Mᵀ)(B − B₀)ᵀ
+                learned = F.linear(F.linear(h, self._mix), self.lora_B - self.lora_B0)
+                return (F.linear(h, self.lora_B0) + learned) * self.scaling
             h = F.linear(h, self._mix)  # (..., r): h Mᵀ
         return F.linear(h, self.lora_B) * self.scaling  # (..., d_out)
 
     def delta_weight(self) -> Tensor:
-        """Dense s · B M A, shape (d_out, d_in)."""
+        """Dense s · B_eff A (B_eff = :meth:`effective_B`), shape (d_out, d_in)."""
         return self.scaling * self.effective_B() @ self.lora_A
 
     def effective_B(self) -> Tensor:
         """The B a plain LoRA would need to give this module's current delta: B M (d_out, r)."""
         if self._folded_B is not None:
             return self._folded_B
-        return self.lora_B if self._mix is None else self.lora_B @ self._mix
+        return self.lora_B if self._mix is None else self._mixed_B(self._mix)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}

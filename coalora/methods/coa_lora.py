@@ -14,16 +14,32 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from coalora.adapters.mapper import ConfigMapper
+from coalora.errors import ConfigError
 from coalora.methods.base import MethodContext
 from coalora.methods.multiconfig import MultiConfigMethod
 from coalora.quant import ModelQuantConfig
 
+#: method.mapper.mix: ``full`` B' = B (I + γU) (arXiv 2509.25214 §3); ``learned`` B' = B₀ +
+#: (B − B₀)(I + γU) with B₀ the quantization-aware initialisation's B (the same as ``full`` for
+#: ``method.init=zero``, where B₀ = 0)
+MIXES = ("full", "learned")
+
 
 class CoALoRA(MultiConfigMethod):
     name = "coalora"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        # method.mapper.mix: what M multiplies (docs/methods.md, "What the mapper mixes")
+        self.mix = cfg.get("mapper", {}).get("mix", "full")
+        if self.mix not in MIXES:
+            raise ConfigError(
+                f"method.mapper.mix={self.mix!r} is not allowed; allowed: {list(MIXES)}"
+            )
 
     def setup(self, model: nn.Module, ctx: MethodContext) -> None:
         super().setup(model, ctx)
@@ -49,6 +65,9 @@ class CoALoRA(MultiConfigMethod):
             [[p, types.index(t)] for t, p in zip(ctx.module_types, positions, strict=True)]
         )
         self._index_cache: dict[int, tuple[ModelQuantConfig, torch.Tensor]] = {}
+        if self.mix == "learned" and self.shared_init is not None:
+            for lora in self.loras:  # B₀ = the initialisation's B (s·B₀·A₀ = L)
+                lora.anchor_mixing()
 
     def modules(self) -> dict[str, nn.Module]:
         return {"mapper": self.mapper}

@@ -75,7 +75,9 @@ def test_formats_and_fixed_configurations_fail_clearly(built):
     methods = registry()
     assert export_format("auto", methods["qwha"]) == "merged"
     assert export_format("auto", methods["coalora"]) == "peft"
-    with pytest.raises(ConfigError, match=r"allowed: \['auto', 'peft', 'merged', 'packed', 'gguf'\]"):
+    with pytest.raises(
+        ConfigError, match=r"allowed: \['auto', 'peft', 'merged', 'packed', 'gguf'\]"
+    ):
         export_format("onnx", methods["coalora"])
     with pytest.raises(ConfigError, match="format=merged"):
         export_format("peft", methods["lq_lora"])

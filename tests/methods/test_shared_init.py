@@ -140,18 +140,22 @@ def test_shared_lowrank_first_iterate_is_the_truncated_svd_and_refits_never_get_
         shared_lowrank(w, 65)
 
 
+@pytest.mark.parametrize("mix", ["full", "learned"])
 def test_cache_packed_storage_adapt_and_held_out_configurations_give_the_training_logits(
-    tiny_cfg, tmp_path
+    tiny_cfg, tmp_path, mix
 ):
     from coalora.stages.evaluate import random_near
 
-    over = ["method=coalora", *POOL, "method.init=lpq"]
+    over = ["method=coalora", *POOL, "method.init=lpq", f"method.mapper.mix={mix}"]
     lit, dm, _ = spiked(tiny_cfg, tmp_path / "dense", over)
     packed, _, _ = spiked(tiny_cfg, tmp_path / "packed", over, storage="packed")
     torch.manual_seed(1)
-    with torch.no_grad():  # a mapper that does something, shared by both models
+    with torch.no_grad():  # a mapper that does something and a B that moved, in both models
         for p in lit.method.mapper.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        for lora in lit.method.loras:
+            lora.lora_B.add_(0.1 * lora.lora_B.std() * torch.randn_like(lora.lora_B))
+    assert all((lo.lora_B0 is not None) == (mix == "learned") for lo in lit.method.loras)
     packed.load_state_dict(lit.state_dict(), strict=False)
     m, batch = lit.method, next(iter(dm.val_dataloader()))
     rng = random.Random(0)
@@ -165,7 +169,7 @@ def test_cache_packed_storage_adapt_and_held_out_configurations_give_the_trainin
             assert torch.equal(logits(lit.model, batch), trained)
         with packed.method.configured(packed.model, config):  # packed entries of W − L
             torch.testing.assert_close(logits(packed.model, batch), trained)
-        adapt(lit, config)  # coalora.adapt: switch + fold B' = B (I + γU)
+        adapt(lit, config)  # coalora.adapt: switch + fold B' = B (I + γU) (B₀ + (B − B₀)(..))
         torch.testing.assert_close(logits(lit.model, batch), trained, rtol=1e-5, atol=1e-5)
         for lora in m.loras:
             lora.unfold()
@@ -185,6 +189,7 @@ def test_zero_stays_the_default_and_changes_nothing(built):
     [
         (["method.init=svd"], "method.init='svd' is not allowed; allowed: ['zero', 'lpq', 'lq']"),
         (["method.init_iters=0"], "method.init_iters=0 must be an integer >= 1"),
+        (["method.mapper.mix=all"], "method.mapper.mix='all' is not allowed; allowed: ['full', "),
     ],
 )
 def test_init_keys_are_checked_before_anything_loads(tiny_cfg, overrides, needle):
@@ -222,7 +227,8 @@ def compose_lm(name: str, overrides: list[str], cache: Path, out: Path):
 
 
 LM_INIT = ["method=coalora", "method.pool.start=3.0", "method.pool.stop=4.0",
-           "method.pool.step=0.5", "method.init=lpq", "trainer.max_steps=2"]  # fmt: skip
+           "method.pool.step=0.5", "method.init=lpq", "method.mapper.mix=learned",
+           "trainer.max_steps=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +250,7 @@ def test_lm_run_records_its_init_and_restores_the_training_model(lm_run):
     _, lit = restore(tmp / "run", cache_dir=tmp / "cache")
     assert lit.method.shared_init.report["digest"] == state["coalora"]["init_digest"]
     assert all(isinstance(lo.base_layer, ResidualQuantLinear) for lo in lit.method.loras)
+    assert all(lo.lora_B0 is not None for lo in lit.method.loras)  # the anchor, recomputed
     trained = state["state_dict"]
     restored = lit.trainable_state_dict()
     assert all(torch.equal(restored[k], v) for k, v in trained.items())
