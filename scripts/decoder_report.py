@@ -57,6 +57,18 @@ for _init in ("zero", "lpq", "lq"):
             f"ablation: CoA-LoRA init={_init} r=32": rf"coalora_{_init}_r32_s{{s}}",
         }
     )
+    if _init != "zero":  # method.mapper.mix=learned (the same as full for init=zero)
+        SERIES.update(
+            {
+                f"(f) CoA-LoRA, init={_init}, mix=learned, 4× steps": (
+                    rf"coalora_{_init}_learned_x4_s{{s}}"
+                ),
+                f"(f) CoA-LoRA, init={_init}, mix=learned": rf"coalora_{_init}_learned_s{{s}}",
+                f"ablation: CoA-LoRA init={_init}, mix=learned r=32": (
+                    rf"coalora_{_init}_learned_r32_s{{s}}"
+                ),
+            }
+        )
 PER_BUDGET = ("qlora", "lq_lora", "qwha")  # the single-configuration methods, one run per budget
 GOAL = 0.05  # CoA-LoRA within 5% of the best per-budget perplexity (repository issue #21)
 
@@ -216,7 +228,7 @@ def table_held_out(runs: dict[str, Run], base: dict | None = None) -> list[str]:
     return lines
 
 
-COALORA_RUN = re.compile(r"coalora(_zero|_lpq|_lq)?(_r32|_x4)?_s(\d+)")
+COALORA_RUN = re.compile(r"coalora(_zero|_lpq|_lq)?(?:_learned)?(_r32|_x4)?_s(\d+)")
 SHARED_RUN = r"shared_lora(_evalonly)?(_zero|_lpq|_lq)?{variant}_s{seed}"
 
 
