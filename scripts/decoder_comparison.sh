@@ -13,8 +13,9 @@
 #
 # A multi-configuration run name may carry the shared initialisation after the method
 # (`_zero`, `_lpq`, `_lq` -> method.init=..., docs/methods.md "Quantization-aware
-# initialisation"); without it the method's default applies. CoA-LoRA's may then carry
-# `_learned` (method.mapper.mix=learned, docs/methods.md "What the mapper mixes"), e.g.
+# initialisation"); without it the method's default applies. CoA-LoRA runs use the paper's
+# mixing (method.mapper.mix=full) unless the name carries `_learned` after the initialisation
+# (method.mapper.mix=learned, the default since, docs/methods.md "What the mapper mixes"), e.g.
 # coalora_lq_learned_x4_s42.
 #
 # A run whose $RESULTS/<name>/results.json exists is skipped (so a queue can be resumed).
@@ -59,6 +60,7 @@ overrides() {  # run name -> its Hydra overrides (one per line)
   done
   case $name in  # coalora_<init>_learned_...: the mapper mixes only what training added to B
     coalora_learned_*) echo method.mapper.mix=learned; name=${name/_learned_/_} ;;
+    coalora_*) echo method.mapper.mix=full ;;  # the paper's form (the runs named before the option)
   esac
   # <method>_x4_s<seed>: 4x the steps, the compute of the four per-budget runs together
   local steps=$STEPS

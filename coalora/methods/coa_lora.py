@@ -35,7 +35,7 @@ class CoALoRA(MultiConfigMethod):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         # method.mapper.mix: what M multiplies (docs/methods.md, "What the mapper mixes")
-        self.mix = cfg.get("mapper", {}).get("mix", "full")
+        self.mix = cfg.get("mapper", {}).get("mix", "learned")
         if self.mix not in MIXES:
             raise ConfigError(
                 f"method.mapper.mix={self.mix!r} is not allowed; allowed: {list(MIXES)}"
