@@ -112,9 +112,8 @@ class LoRALinear(AdapterLayer):
         if self._folded_B is not None:
             return F.linear(h, self._folded_B) * self.scaling  # (..., d_out)
         if self._mix is not None:
-            if self.lora_B0 is not None:  # h B₀ᵀ + (h Mᵀ)(B − B₀)ᵀ
-                learned = F.linear(F.linear(h, self._mix), self.lora_B - self.lora_B0)
-                return (F.linear(h, self.lora_B0) + learned) * self.scaling
+            if self.lora_B0 is not None:  # B₀ + (B − B₀) M: an (r, r) product on B, not on h
+                return F.linear(h, self._mixed_B(self._mix)) * self.scaling
             h = F.linear(h, self._mix)  # (..., r): h Mᵀ
         return F.linear(h, self.lora_B) * self.scaling  # (..., d_out)
 

@@ -98,8 +98,8 @@ class MethodContext:
                 "full-precision model can be built to compute the Fisher from"
             )
         sens = fisher_sensitivity(
-            source, self.names, examples=n, seed=self.quant.fisher_seed(self.seed), model_name=self.model_name,
-            task_name=self.task_name, calibration=self.calibration,
+            source, self.names, examples=n, seed=self.quant.fisher_seed(self.seed),
+            model_name=self.model_name, task_name=self.task_name, calibration=self.calibration,
             cache_dir=self.table_cache_dir, weights=weights,
         )  # fmt: skip
         self._sensitivities[(kind, n)] = sens
